@@ -1,0 +1,31 @@
+"""`fedscan node ...`: subcommands registered by the modules that own them.
+
+Each module in ``SUBCOMMANDS`` exposes ``add_subcommands(sub)``; imports stay light (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+SUBCOMMANDS: tuple[str, ...] = (
+    "edge_node.cmd_daemon",  # init, run
+    "edge_node.cmd_labels",  # label
+    "edge_node.cmd_train",  # train
+    "edge_node.cmd_audit",  # audit
+)
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("node", help="edge node daemon and tools")
+    node_sub = parser.add_subparsers(dest="node_command", metavar="NODE_COMMAND")
+    for module in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue  # not built yet
+            raise
+        mod.add_subcommands(node_sub)
+    parser.set_defaults(func=lambda _args: parser.print_help() or 2)

@@ -1,0 +1,256 @@
+"""Typed configuration of the edge node, loaded from one TOML file (``node.toml``).
+
+Every section is a frozen dataclass validated in ``__post_init__``; unknown keys are an error
+(a typo in a hospital's config must not be silently ignored). Relative paths are resolved
+against the directory of the TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edge_node.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    inbox: Path  # watched folder; never modified by the node
+    state_dir: Path  # SQLite database, caches, checkpoints, pending uploads
+    quarantine_dir: Path  # copies of unusable files, each with a .reason.json beside it
+    model_dir: Path  # current.onnx (+ previous.onnx for rollback), global weights
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "node.sqlite"
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    use_events: bool = True  # inotify/watchdog events (FileClosedEvent = complete at once)
+    poll_interval_s: float = 2.0  # polling fallback period (network shares have no events)
+    quiet_period_s: float = 1.0  # size must be stable this long when no close event was seen
+    batch_size: int = 32  # slices per onnxruntime call during bursts
+    batch_wait_ms: float = 5.0  # how long to gather a batch once the first file is ready
+    extensions: tuple[str, ...] = (".dcm", ".dicom", ".ima", "")  # "" = files without suffix
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s <= 0 or self.quiet_period_s < 0:
+            raise ConfigError("watcher: poll_interval_s must be > 0 and quiet_period_s >= 0")
+        if self.batch_size < 1:
+            raise ConfigError("watcher: batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    window_center: float = -600.0  # lung window level (HU); overridden by the model metadata
+    window_width: float = 1500.0  # lung window width (HU)
+    size: int = 224  # model input side
+    modalities: tuple[str, ...] = ("CT",)  # allow-list; anything else is skipped with a reason
+
+    def __post_init__(self) -> None:
+        if self.window_width <= 0:
+            raise ConfigError("preprocess: window_width must be > 0")
+        if self.size < 16:
+            raise ConfigError("preprocess: size must be >= 16")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    model: Path | None = None  # ONNX file; default <model_dir>/current.onnx
+    intra_op_threads: int = 2  # onnxruntime intra-op threads (explicit: never "all cores")
+    batch_size: int = 16  # max slices per session.run
+
+    def __post_init__(self) -> None:
+        if self.intra_op_threads < 1 or self.batch_size < 1:
+            raise ConfigError("inference: intra_op_threads and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"  # localhost only unless a token is set
+    port: int = 8765  # 0 = pick a free port (written to state_dir/api.port)
+    token: str | None = None  # required when host is not a loopback address
+
+    def __post_init__(self) -> None:
+        loopback = self.host in ("127.0.0.1", "::1", "localhost")
+        if not loopback and not self.token:
+            raise ConfigError(f"api: binding to {self.host} requires api.token")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    arch: str = "cnn2d"  # registry name in export.zoo
+    mode: str = "full"  # full | last_stage | head
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.2  # share of patients (by hash) held out for local validation
+    early_stopping_patience: int = 2
+    augment: bool = True  # rotation, flips, zoom, shift (the paper's augmentation)
+    class_weighting: bool = True
+    texture_features: bool = False  # GLCM + LBP features concatenated to the CNN embedding
+    torch_threads: int = 1  # cap so the radiologist's viewer never stalls
+    nice: int = 10  # os.nice increment of the training subprocess
+    min_new_labels: int = 8  # labels needed before the node trains in a round
+    pretrained: str | None = None  # None, "hub", or a local weights file
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "last_stage", "head"):
+            raise ConfigError(f"training: mode must be full, last_stage or head, not {self.mode!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("training: val_fraction must be in (0, 1)")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("training: epochs, batch_size and lr must be positive")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    enabled: bool = False
+    federation: str = "demo"  # federation id (topic prefix fl/<federation>/...)
+    broker: str = "mqtt://127.0.0.1:1883"  # mqtt://host:port or mqtts://host:port
+    ca_file: Path | None = None  # TLS: CA certificate
+    cert_file: Path | None = None  # TLS: this node's client certificate
+    key_file: Path | None = None  # TLS: this node's client key
+    signing_key: Path | None = None  # Ed25519 private key for update manifests
+    coordinator_public_key: Path | None = None  # Ed25519 key that must sign global manifests
+    codec: str = "fp16"  # default update codec when the round config does not say
+    safety_margin: float | None = None  # refuse a global model this much less accurate locally
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    paths: PathsConfig
+    watcher: WatcherConfig = field(default_factory=WatcherConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    source: Path | None = None  # the TOML file this came from
+
+    def __post_init__(self) -> None:
+        if not self.node_id or not all(c.isalnum() or c in "-_" for c in self.node_id):
+            raise ConfigError("node_id must be non-empty and use only letters, digits, - and _")
+
+    @property
+    def model_path(self) -> Path:
+        return self.inference.model or self.paths.model_dir / "current.onnx"
+
+    def describe(self) -> dict[str, Any]:
+        """A loggable summary (no secrets)."""
+        d = dataclasses.asdict(self)
+        d["api"]["token"] = "***" if self.api.token else None
+        return {k: v for k, v in d.items() if k != "source"}
+
+
+_SECTIONS: dict[str, type] = {
+    "paths": PathsConfig,
+    "watcher": WatcherConfig,
+    "preprocess": PreprocessConfig,
+    "inference": InferenceConfig,
+    "api": ApiConfig,
+    "training": TrainingConfig,
+    "federation": FederationConfig,
+}
+
+
+def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        ftype = str(known[name].type)
+        if "Path" in ftype and value is not None:
+            p = Path(str(value)).expanduser()
+            value = p if p.is_absolute() else (base / p)
+        elif "tuple" in ftype and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"[{section}]: {exc}") from exc
+
+
+def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> NodeConfig:
+    raw = dict(raw)
+    node_id = raw.pop("node_id", None)
+    if not isinstance(node_id, str):
+        raise ConfigError("node_id (string) is required at the top of node.toml")
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown sections {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+    if "paths" not in raw:
+        raise ConfigError("[paths] with inbox, state_dir, quarantine_dir, model_dir is required")
+    sections = {
+        name: _coerce(cls, dict(raw.get(name, {})), base, name)
+        for name, cls in _SECTIONS.items()
+        if name in raw
+    }
+    return NodeConfig(node_id=node_id, source=source, **sections)
+
+
+def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> NodeConfig:
+    """Read ``node.toml``; ``overrides`` (from CLI flags) win over the file, per section/key."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return config_from_dict(raw, Path(path).resolve().parent, source=Path(path))
+
+
+def default_toml(node_id: str = "node1") -> str:
+    """The file `fedscan node init DIR` writes: working defaults, paths relative to DIR."""
+    return f'''# fedscan edge node configuration. Paths are relative to this file.
+node_id = "{node_id}"
+
+[paths]
+inbox = "inbox"            # watched DICOM folder (never modified)
+state_dir = "state"        # SQLite (WAL), caches, checkpoints
+quarantine_dir = "quarantine"
+model_dir = "models"       # current.onnx is served; previous.onnx kept for rollback
+
+[watcher]
+use_events = true          # inotify close-write events; polling always runs as a fallback
+poll_interval_s = 2.0
+quiet_period_s = 1.0
+
+[preprocess]
+window_center = -600.0     # lung window (HU); the model's own metadata wins when present
+window_width = 1500.0
+modalities = ["CT"]
+
+[inference]
+intra_op_threads = 2
+batch_size = 16
+
+[api]
+host = "127.0.0.1"         # other hosts require token = "..."
+port = 8765
+
+[training]
+arch = "cnn2d"
+mode = "full"
+epochs = 3
+
+[federation]
+enabled = false
+federation = "demo"
+broker = "mqtt://127.0.0.1:1883"
+'''
