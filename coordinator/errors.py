@@ -1,10 +1,10 @@
 """Errors of the coordinator.
 
-    CoordinatorError            exit 1
-    ├── ConfigError             exit 2   coordinator.toml missing or invalid
-    ├── UnknownStrategyError    exit 2   aggregation strategy not registered (lists the choices)
-    ├── UpdateRejected                   one node's update refused (logged, never fatal)
-    └── StateError              exit 4   the SQLite state / checkpoints cannot be read or written
+CoordinatorError            exit 1
+├── ConfigError             exit 2   coordinator.toml missing or invalid
+├── UnknownStrategyError    exit 2   aggregation strategy not registered (lists the choices)
+├── UpdateRejected                   one node's update refused (logged, never fatal)
+└── StateError              exit 4   the SQLite state / checkpoints cannot be read or written
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
         raise ConfigError(f"unknown sections {sorted(unknown)}; known: {sorted(_SECTIONS)}")
     if "paths" not in raw:
         raise ConfigError("[paths] with inbox, state_dir, quarantine_dir, model_dir is required")
-    sections = {
+    sections: dict[str, Any] = {
         name: _coerce(cls, dict(raw.get(name, {})), base, name)
         for name, cls in _SECTIONS.items()
         if name in raw

@@ -1,9 +1,9 @@
 """Errors of the model zoo and exporter.
 
-    ExportError                 exit 1
-    ├── UnknownArchError        exit 2   name not in the registry (message lists the choices)
-    ├── WeightsError            exit 3   pretrained weights asked for but not available / mismatched
-    └── ParityError             exit 4   ONNX outputs differ from torch beyond tolerance
+ExportError                 exit 1
+├── UnknownArchError        exit 2   name not in the registry (message lists the choices)
+├── WeightsError            exit 3   pretrained weights asked for but not available / mismatched
+└── ParityError             exit 4   ONNX outputs differ from torch beyond tolerance
 """
 
 from __future__ import annotations

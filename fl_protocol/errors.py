@@ -1,12 +1,12 @@
 """Errors of the wire protocol shared by the edge node and the coordinator.
 
-    ProtocolError               exit 1
-    ├── SchemaError                      a message is malformed, or has an unknown schema version
-    ├── IntegrityError                   a chunk / whole payload hash does not match its manifest
-    ├── SignatureError                   a signature is missing, wrong, or from the wrong signer
-    ├── ReplayError                      an old round / nonce / model version was replayed
-    ├── CodecError                       an update cannot be encoded / decoded with that codec
-    └── TransportError          exit 3   the MQTT broker cannot be reached / refused us
+ProtocolError               exit 1
+├── SchemaError                      a message is malformed, or has an unknown schema version
+├── IntegrityError                   a chunk / whole payload hash does not match its manifest
+├── SignatureError                   a signature is missing, wrong, or from the wrong signer
+├── ReplayError                      an old round / nonce / model version was replayed
+├── CodecError                       an update cannot be encoded / decoded with that codec
+└── TransportError          exit 3   the MQTT broker cannot be reached / refused us
 """
 
 from __future__ import annotations
