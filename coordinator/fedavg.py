@@ -1,0 +1,92 @@
+"""FedAvg (McMahan et al. 2017): the new global model is the global model plus the average of
+the node deltas weighted by each node's number of training samples.
+
+Streaming: one float32 accumulator per tensor (``sum_i n_i * delta_i``) and the total weight
+per tensor, so memory is one model plus the delta being folded in, however many nodes report.
+A node may omit tensors (a "trainable only" round); each tensor is averaged over the nodes
+that sent it and left unchanged when none did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from coordinator.errors import StateError
+from coordinator.strategy import Strategy, register_strategy
+from coordinator.strategy_utils import Weights, integer_step, is_integer, weighted_accumulate
+
+
+@register_strategy
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def __init__(self, weighted: bool = True) -> None:
+        self.weighted = weighted  # False: every node counts the same (plain mean)
+        self._global: Mapping[str, np.ndarray] | None = None
+        self._acc: dict[str, np.ndarray] = {}
+        self._weight: dict[str, float] = {}
+        self._int_max: dict[str, np.ndarray] = {}
+        self.num_updates = 0
+
+    def begin_round(self, global_weights: Mapping[str, np.ndarray]) -> None:
+        self._global = global_weights
+        self._acc = {}
+        self._weight = {}
+        self._int_max = {}
+        self.num_updates = 0
+
+    def accumulate(self, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
+        if self._global is None:
+            raise StateError("accumulate() before begin_round()")
+        w = float(num_samples) if self.weighted else 1.0
+        for key, value in delta.items():
+            g = self._global[key]
+            if is_integer(g):
+                prev = self._int_max.get(key)
+                self._int_max[key] = value.copy() if prev is None else np.maximum(prev, value)
+                continue
+            acc = self._acc.get(key)
+            if acc is None:
+                acc = self._acc[key] = np.zeros(g.shape, dtype=np.float32)
+            weighted_accumulate(acc, value, w)
+            self._weight[key] = self._weight.get(key, 0.0) + w
+        self.num_updates += 1
+
+    def mean_delta(self) -> dict[str, np.ndarray]:
+        """The weighted mean delta per float tensor that any node sent (turns the accumulators
+        into means in place: call once, from ``finish``)."""
+        out: dict[str, np.ndarray] = {}
+        for key, acc in self._acc.items():
+            acc /= self._weight[key]
+            out[key] = acc
+        self._acc = {}
+        return out
+
+    def integer_tensors(self) -> Weights:
+        """New values of the integer counters (every integer tensor of the global model)."""
+        if self._global is None:
+            raise StateError("finish() before begin_round()")
+        return {
+            k: integer_step(g, self._int_max.get(k))
+            for k, g in self._global.items()
+            if is_integer(g)
+        }
+
+    def finish(self) -> Weights:
+        if self._global is None:
+            raise StateError("finish() before begin_round()")
+        out = self.integer_tensors()
+        mean = self.mean_delta()
+        for key, g in self._global.items():
+            if key in out:
+                continue
+            d = mean.pop(key, None)
+            if d is None:
+                out[key] = g.copy()
+            else:
+                d += g  # reuse the accumulator buffer for the result
+                out[key] = d.astype(g.dtype, copy=False)
+        self._global = None
+        return out

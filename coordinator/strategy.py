@@ -1,0 +1,137 @@
+"""Aggregation strategies: the base class, the registry and the one factory.
+
+A strategy turns the accepted deltas of one round into the next global weights. The streaming
+contract keeps memory at one model whatever the number of nodes::
+
+    strategy.begin_round(global_weights)
+    for update in accepted_updates:          # loaded one at a time from the disk spool
+        strategy.accumulate(update.load(), update.num_samples)
+    new_global = strategy.finish()
+
+``aggregate(global_weights, updates)`` runs exactly that over :class:`UpdateSource` objects;
+strategies that need every update at once (trimmed mean) override it to read the spool tensor
+by tensor instead. Strategies register by name with :func:`register_strategy` and are built by
+:func:`create_strategy`; an unknown name raises ``UnknownStrategyError`` listing the choices.
+State that must survive a restart (FedAdam's moments) goes through ``state_dict`` /
+``load_state_dict`` and is checkpointed next to the global weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+
+from coordinator.errors import ConfigError, UnknownStrategyError
+from coordinator.strategy_utils import Weights
+
+log = logging.getLogger(__name__)
+
+# modules holding the built-in strategies, imported on first use of the registry
+_BUILTIN_MODULES = (
+    "coordinator.fedavg",
+    "coordinator.fedprox",
+    "coordinator.fedadam",
+    "coordinator.trimmed_mean",
+)
+
+
+class UpdateSource(Protocol):
+    """One accepted update as the aggregator sees it (see ``coordinator.spool.SpoolFile``)."""
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def keys(self) -> Iterable[str]: ...
+
+    def tensor(self, key: str) -> np.ndarray:
+        """One float32 delta tensor, read on demand."""
+        ...
+
+    def load(self) -> dict[str, np.ndarray]:
+        """The whole delta (float32)."""
+        ...
+
+
+class Strategy(ABC):
+    """Base of all strategies; subclasses set ``name`` and implement the streaming trio."""
+
+    name: ClassVar[str] = ""
+    # True when the strategy cannot stream (it reads every update tensor by tensor instead)
+    needs_all_updates: ClassVar[bool] = False
+
+    @abstractmethod
+    def begin_round(self, global_weights: Mapping[str, np.ndarray]) -> None:
+        """Start aggregating deltas relative to ``global_weights`` (not modified)."""
+
+    @abstractmethod
+    def accumulate(self, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
+        """Fold one node's delta in; the delta may be released afterwards."""
+
+    @abstractmethod
+    def finish(self) -> Weights:
+        """The new global weights (every key of the global model)."""
+
+    def aggregate(
+        self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateSource]
+    ) -> Weights:
+        """Aggregate spooled updates; default: stream them one whole delta at a time."""
+        self.begin_round(global_weights)
+        for update in updates:
+            self.accumulate(update.load(), update.num_samples)
+        return self.finish()
+
+    def round_config(self) -> dict[str, Any]:
+        """Extra keys for the round config sent to nodes (FedProx's ``mu``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Server-side state to checkpoint with the global weights (empty when stateless)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``state_dict`` returned; a stateless strategy ignores it."""
+        if state:
+            log.warning(
+                "strategy %s keeps no state; ignoring %d saved tensors", self.name, len(state)
+            )
+
+
+S = TypeVar("S", bound=type[Strategy])
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: S) -> S:
+    """Class decorator: make ``cls`` available to :func:`create_strategy` under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must set a non-empty name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def list_strategies() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def create_strategy(name: str, **kwargs: Any) -> Strategy:
+    """Build the strategy registered as ``name`` with its typed keyword arguments."""
+    _load_builtins()
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise UnknownStrategyError(
+            f"unknown aggregation strategy {name!r}; choices: {', '.join(sorted(_REGISTRY))}"
+        )
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"strategy {name!r}: bad arguments {sorted(kwargs)}: {exc}") from exc

@@ -1,0 +1,121 @@
+"""Pure numpy math shared by the aggregation strategies (no I/O, no state).
+
+Weights and deltas are ``dict[str, np.ndarray]``. Float tensors are aggregated in float64
+accumulators and returned in the global tensor's dtype. Integer tensors (BatchNorm
+``num_batches_tracked``) are counters, not parameters: averaging them is meaningless, so they
+advance by the largest rounded delta any node reported (see :func:`integer_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+def is_integer(array: np.ndarray) -> bool:
+    """True for counters (int / uint / bool tensors) that are not averaged."""
+    return bool(np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_)
+
+
+def l2_norm(tensors: Mapping[str, np.ndarray] | Iterable[np.ndarray]) -> float:
+    """Global L2 norm over all float tensors (integer counters are ignored)."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    total = 0.0
+    for t in values:
+        if is_integer(t):
+            continue
+        flat = np.asarray(t, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def weighted_accumulate(acc: np.ndarray, delta: np.ndarray, weight: float) -> None:
+    """``acc += weight * delta`` in place, without a temporary the size of the tensor in f64."""
+    if delta.dtype == acc.dtype:
+        acc += weight * delta
+    else:
+        acc += weight * delta.astype(acc.dtype, copy=False)
+
+
+def integer_step(global_value: np.ndarray, max_delta: np.ndarray | None) -> np.ndarray:
+    """New value of an integer counter: global + the largest (rounded) node delta, never below 0.
+
+    ``max_delta`` None means no node sent this tensor: keep the global value.
+    """
+    if max_delta is None:
+        return global_value.copy()
+    step = np.rint(np.asarray(max_delta, dtype=np.float64))
+    out = np.asarray(global_value, dtype=np.float64) + step
+    if np.issubdtype(global_value.dtype, np.unsignedinteger) or global_value.dtype == np.bool_:
+        out = np.maximum(out, 0)
+    return out.astype(global_value.dtype)
+
+
+def apply_delta(global_value: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``global + delta`` in the global tensor's dtype (float tensors only)."""
+    out = np.asarray(global_value, dtype=np.float64) + np.asarray(delta, dtype=np.float64)
+    return out.astype(global_value.dtype)
+
+
+def weighted_mean(deltas: list[Mapping[str, np.ndarray]], weights: list[float]) -> Weights:
+    """Reference (non-streaming) weighted mean, for tests and small cases."""
+    total = float(sum(weights))
+    keys = set().union(*(d.keys() for d in deltas)) if deltas else set()
+    out: Weights = {}
+    for k in sorted(keys):
+        pairs = [(d[k], w) for d, w in zip(deltas, weights, strict=True) if k in d]
+        sub_total = sum(w for _, w in pairs) or total
+        acc = np.zeros(np.shape(pairs[0][0]), dtype=np.float64)
+        for v, w in pairs:
+            acc += np.asarray(v, np.float64) * w
+        out[k] = acc / sub_total
+    return out
+
+
+def trim_count(n: int, trim_ratio: float) -> int:
+    """How many values are cut from EACH end of n sorted values (floor(ratio * n))."""
+    k = math.floor(trim_ratio * n)
+    # never cut everything: at least one value must remain in the middle
+    return max(0, min(k, (n - 1) // 2))
+
+
+def trimmed_mean(stack: np.ndarray, trim_ratio: float) -> np.ndarray:
+    """Coordinate-wise trimmed mean along axis 0 (the nodes axis), as float64.
+
+    Each coordinate drops its ``k`` smallest and ``k`` largest values, ``k = trim_count``.
+    ``stack`` is scratch: it is sorted in place (no copy: memory stays one stack).
+    """
+    n = stack.shape[0]
+    k = trim_count(n, trim_ratio)
+    if k == 0:
+        return np.asarray(stack.mean(axis=0, dtype=np.float64))
+    stack.sort(axis=0)
+    return np.asarray(stack[k : n - k].mean(axis=0, dtype=np.float64))
+
+
+def adam_update(
+    x: np.ndarray,
+    pseudo_grad: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    *,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One FedAdam server step (Reddi et al. 2021, Algorithm 2), as written in the paper.
+
+    With ``g = pseudo_grad = -mean(delta)``:
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, ``x = x - eta m / (sqrt(v) + tau)``.
+    The paper uses no bias correction; neither do we. Returns (x_new, m_new, v_new).
+    """
+    g = np.asarray(pseudo_grad, dtype=np.float64)
+    m_new = beta1 * np.asarray(m, np.float64) + (1.0 - beta1) * g
+    v_new = beta2 * np.asarray(v, np.float64) + (1.0 - beta2) * np.square(g)
+    x_new = np.asarray(x, np.float64) - eta * m_new / (np.sqrt(v_new) + tau)
+    return x_new.astype(x.dtype), m_new.astype(np.float32), v_new.astype(np.float32)
