@@ -15,7 +15,7 @@ import numpy as np
 
 from coordinator.errors import StateError
 from coordinator.strategy import Strategy, register_strategy
-from coordinator.strategy_utils import Weights, integer_step, is_integer, weighted_accumulate
+from coordinator.strategy_utils import Weights, integer_step, is_counter, weighted_accumulate
 
 
 @register_strategy
@@ -43,7 +43,7 @@ class FedAvg(Strategy):
         w = float(num_samples) if self.weighted else 1.0
         for key, value in delta.items():
             g = self._global[key]
-            if is_integer(g):
+            if is_counter(key, g):
                 prev = self._int_max.get(key)
                 self._int_max[key] = value.copy() if prev is None else np.maximum(prev, value)
                 continue
@@ -71,7 +71,7 @@ class FedAvg(Strategy):
         return {
             k: integer_step(g, self._int_max.get(k))
             for k, g in self._global.items()
-            if is_integer(g)
+            if is_counter(k, g)
         }
 
     def finish(self) -> Weights:

@@ -1,9 +1,10 @@
 """Pure numpy math shared by the aggregation strategies (no I/O, no state).
 
-Weights and deltas are ``dict[str, np.ndarray]``. Float tensors are aggregated in float64
-accumulators and returned in the global tensor's dtype. Integer tensors (BatchNorm
-``num_batches_tracked``) are counters, not parameters: averaging them is meaningless, so they
-advance by the largest rounded delta any node reported (see :func:`integer_step`).
+Weights and deltas are ``dict[str, np.ndarray]``; results come back in the global tensor's
+dtype. Counters (integer tensors, and BatchNorm ``num_batches_tracked`` which the weights
+format carries as float32) are not parameters: averaging them is meaningless, so they advance by
+the largest rounded delta any node reported (see :func:`integer_step`) and do not count in
+norms.
 """
 
 from __future__ import annotations
@@ -16,14 +17,27 @@ import numpy as np
 Weights = dict[str, np.ndarray]
 
 
+COUNTER_SUFFIXES = ("num_batches_tracked",)
+
+
 def is_integer(array: np.ndarray) -> bool:
-    """True for counters (int / uint / bool tensors) that are not averaged."""
+    """True for int / uint / bool tensors."""
     return bool(np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_)
 
 
+def is_counter(key: str, array: np.ndarray) -> bool:
+    """True for counters that are not averaged: integer tensors, and BatchNorm
+    ``num_batches_tracked`` even when stored as float32 (export.weights stores every tensor as
+    float32)."""
+    return is_integer(array) or key.endswith(COUNTER_SUFFIXES)
+
+
 def l2_norm(tensors: Mapping[str, np.ndarray] | Iterable[np.ndarray]) -> float:
-    """Global L2 norm over all float tensors (integer counters are ignored)."""
-    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    """Global L2 norm over all tensors; for a mapping, counters are left out."""
+    if isinstance(tensors, Mapping):
+        values: Iterable[np.ndarray] = (v for k, v in tensors.items() if not is_counter(k, v))
+    else:
+        values = tensors
     total = 0.0
     for t in values:
         if is_integer(t):
@@ -42,16 +56,14 @@ def weighted_accumulate(acc: np.ndarray, delta: np.ndarray, weight: float) -> No
 
 
 def integer_step(global_value: np.ndarray, max_delta: np.ndarray | None) -> np.ndarray:
-    """New value of an integer counter: global + the largest (rounded) node delta, never below 0.
+    """New value of a counter: global + the largest (rounded) node delta, never below 0.
 
     ``max_delta`` None means no node sent this tensor: keep the global value.
     """
     if max_delta is None:
         return global_value.copy()
     step = np.rint(np.asarray(max_delta, dtype=np.float64))
-    out = np.asarray(global_value, dtype=np.float64) + step
-    if np.issubdtype(global_value.dtype, np.unsignedinteger) or global_value.dtype == np.bool_:
-        out = np.maximum(out, 0)
+    out = np.maximum(np.asarray(global_value, dtype=np.float64) + step, 0)
     return out.astype(global_value.dtype)
 
 

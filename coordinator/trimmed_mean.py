@@ -23,7 +23,7 @@ from coordinator.strategy_utils import (
     Weights,
     apply_delta,
     integer_step,
-    is_integer,
+    is_counter,
     trim_count,
     trimmed_mean,
 )
@@ -97,7 +97,7 @@ class TrimmedMean(Strategy):
             if not holders:
                 out[key] = g.copy()
                 continue
-            if is_integer(g):
+            if is_counter(key, g):
                 max_delta = holders[0].tensor(key)
                 for u in holders[1:]:
                     max_delta = np.maximum(max_delta, u.tensor(key))

@@ -21,7 +21,7 @@ import numpy as np
 
 from coordinator.config import ValidationConfig
 from coordinator.errors import UpdateRejected
-from coordinator.strategy_utils import is_integer, l2_norm
+from coordinator.strategy_utils import is_counter, is_integer, l2_norm
 
 MIN_FOR_MEDIAN = 3  # accepted updates needed before the median test replaces the absolute cap
 
@@ -41,7 +41,7 @@ class ModelSpec:
     ) -> ModelSpec:
         """``expected``: the keys announced in the round config (trainable-only rounds);
         None = every float tensor of the model."""
-        integer = frozenset(k for k, v in weights.items() if is_integer(v))
+        integer = frozenset(k for k, v in weights.items() if is_counter(k, v))
         floats = frozenset(weights) - integer
         wanted = floats if expected is None else frozenset(expected) & floats
         return cls(

@@ -240,3 +240,20 @@ def test_trimmed_mean_memory_is_one_tensor_per_node_not_one_model(tmp_path: Path
     peak = _peak_bytes(lambda: TrimmedMean(0.2).aggregate(g, files))
     # result (1 model) + one stack (12 tensors = 1.2 models) + f64 temporaries of one tensor
     assert peak < 3 * model_bytes
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "trimmed_mean"])
+def test_float32_batch_counters_are_counters_not_averaged(name: str) -> None:
+    """export.weights stores num_batches_tracked as float32: it still advances by the largest
+    node delta (an integral value), in every strategy."""
+    g = {"w": np.zeros(2, np.float32), "bn.num_batches_tracked": np.array(10.0, np.float32)}
+    s = create_strategy(name)
+    s.begin_round(g)
+    for batches in (4.0, 9.0, 6.0):
+        s.accumulate(
+            {"w": np.ones(2, np.float32), "bn.num_batches_tracked": np.array(batches, np.float32)},
+            1,
+        )
+    out = s.finish()
+    assert out["bn.num_batches_tracked"].dtype == np.float32
+    assert float(out["bn.num_batches_tracked"]) == 19.0
