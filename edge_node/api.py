@@ -1,0 +1,341 @@
+"""Local HTTP API and web page of the node (Starlette, served by uvicorn in a thread).
+
+    GET  /health                      liveness + model + queue depth (no token needed)
+    GET  /api/predictions?limit=N     recent predictions, newest first
+    GET  /api/predictions/{id}        one prediction
+    GET  /api/thumbnails/{id}.png     the preprocessed slice, small (cached in state_dir)
+    POST /api/predict                 body = one DICOM file; predicts, stores, returns rows
+    POST /api/labels                  {sop_instance_uid, label, who} -> edge_node.labels
+    GET  /metrics                     Prometheus text
+    GET  /                            page: recent predictions, thumbnails, label buttons
+
+Bound to 127.0.0.1 by default; when ``api.token`` is set every route but /health needs
+``Authorization: Bearer <token>`` (or ``?token=`` on GET, so the page and its images work in
+a browser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import io
+import json
+import logging
+import socket
+import string
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from edge_node.errors import InputError, LabelError, NodeError
+from edge_node.metrics import render_metrics
+from edge_node.pipeline import model_key
+
+if TYPE_CHECKING:
+    from edge_node.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+MAX_UPLOAD = 512 * 1024 * 1024
+THUMB_PX = 128
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _json(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return _json({"error": message, **extra}, status)
+
+
+def _with_thumb(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "thumbnail": f"/api/thumbnails/{row['id']}.png"}
+
+
+class NodeApi:
+    """Route handlers over a running ``Daemon``'s parts."""
+
+    def __init__(self, node: Daemon) -> None:
+        self.node = node
+        self.token = node.config.api.token
+        self.thumbs = node.config.paths.state_dir / "thumbnails"
+        self.uploads = node.config.paths.state_dir / "uploads"
+        self._page = string.Template((STATIC / "index.html").read_text())
+
+    def app(self) -> Starlette:
+        a = self._auth
+        routes = [
+            Route("/health", self.health),
+            Route("/api/predictions", a(self.predictions)),
+            Route("/api/predictions/{pred_id:int}", a(self.prediction)),
+            Route("/api/thumbnails/{pred_id:int}.png", a(self.thumbnail)),
+            Route("/api/predict", a(self.predict), methods=["POST"]),
+            Route("/api/labels", a(self.label), methods=["POST"]),
+            Route("/metrics", a(self.metrics)),
+            Route("/", a(self.page)),
+            Route("/static/{name:str}", a(self.static)),
+        ]
+        return Starlette(routes=routes)
+
+    def _auth(self, handler: Handler) -> Handler:
+        async def checked(request: Request) -> Response:
+            if self.token is not None:
+                given = ""
+                header = request.headers.get("authorization", "")
+                if header.lower().startswith("bearer "):
+                    given = header[7:].strip()
+                elif request.method == "GET":
+                    given = request.query_params.get("token", "")
+                if not hmac.compare_digest(given.encode(), self.token.encode()):
+                    return _error(401, "missing or wrong bearer token")
+            return await handler(request)
+
+        return checked
+
+    # -- read-only ---------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        model = self.node.holder.current()
+        return _json(
+            {
+                "status": "ok" if model is not None else "waiting_for_model",
+                "node_id": self.node.config.node_id,
+                "model_version": model.info.model_version if model else None,
+                "arch": model.info.arch if model else None,
+                "uptime_s": round(time.time() - self.node.started_at, 3),
+                "queue": self.node.pipeline.queue_depth(),
+                "incomplete_files": self.node.watcher.pending_count(),
+                "inbox_events": self.node.watcher.events_active,
+            }
+        )
+
+    async def predictions(self, request: Request) -> Response:
+        try:
+            limit = int(request.query_params.get("limit", "50"))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        rows = await run_in_threadpool(self.node.store.recent_predictions, limit)
+        return _json({"predictions": [_with_thumb(r) for r in rows]})
+
+    async def prediction(self, request: Request) -> Response:
+        row = await run_in_threadpool(self.node.store.prediction, request.path_params["pred_id"])
+        if row is None:
+            return _error(404, "no such prediction")
+        return _json(_with_thumb(row))
+
+    async def metrics(self, request: Request) -> Response:
+        def build() -> str:
+            model = self.node.holder.current()
+            return render_metrics(
+                stats=self.node.stats,
+                files_by_outcome=self.node.store.counts_by_outcome(),
+                predictions_by_label=self.node.store.counts_by_label(),
+                model_version=model.info.model_version if model else None,
+                model_arch=model.info.arch if model else None,
+                queue_depth=self.node.pipeline.queue_depth(),
+                pending_files=self.node.watcher.pending_count(),
+                model_swaps=self.node.holder.swaps,
+            )
+
+        text = await run_in_threadpool(build)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def thumbnail(self, request: Request) -> Response:
+        pred_id = int(request.path_params["pred_id"])
+        png = await run_in_threadpool(self._thumbnail_png, pred_id)
+        if png is None:
+            return _error(404, "no such prediction or its file is gone")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    def _thumbnail_png(self, pred_id: int) -> bytes | None:
+        cached = self.thumbs / f"{pred_id}.png"
+        if cached.is_file():
+            return cached.read_bytes()
+        row = self.node.store.prediction(pred_id)
+        model = self.node.holder.current()
+        if row is None or model is None:
+            return None
+        from PIL import Image
+
+        from edge_node.preprocess import PreprocessParams, prepare
+
+        key = model_key(model, self.node.config.preprocess)
+        params = PreprocessParams(key[0], key[1], key[2], ("*",))
+        try:
+            frames = prepare(Path(row["path"]), params).frames
+        except (InputError, OSError):
+            return None
+        frame = frames[min(int(row["frame"]), len(frames) - 1)]
+        img = Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype(np.uint8), "L")
+        img = img.resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", optimize=True)
+        self.thumbs.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{pred_id}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(cached)
+        return buf.getvalue()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def predict(self, request: Request) -> Response:
+        body = await request.body()
+        if not body:
+            return _error(400, "send the DICOM file as the request body")
+        if len(body) > MAX_UPLOAD:
+            return _error(413, f"upload larger than {MAX_UPLOAD} bytes")
+        if self.node.holder.current() is None:
+            return _error(503, "no model loaded yet")
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        path = self.uploads / f"{uuid.uuid4().hex}.dcm"
+        path.write_bytes(body)
+        try:
+            outcome = await run_in_threadpool(self.node.pipeline.process_now, path)
+        except NodeError as exc:
+            path.unlink(missing_ok=True)
+            return _error(503, str(exc))
+        if outcome.outcome == "skipped" and outcome.reason == "duplicate_sop_instance_uid":
+            path.unlink(missing_ok=True)
+            sop = outcome.sop_instance_uid or ""
+            rows = await run_in_threadpool(self.node.store.predictions_for, sop)
+            return _json({"outcome": "duplicate", "predictions": [_with_thumb(r) for r in rows]})
+        if outcome.outcome != "predicted":
+            path.unlink(missing_ok=True)  # keep only uploads that became predictions
+            return _error(422, f"file not used: {outcome.reason}", outcome=outcome.outcome)
+        return _json(
+            {"outcome": "predicted", "predictions": [_with_thumb(r) for r in outcome.predictions]}
+        )
+
+    async def label(self, request: Request) -> Response:
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "body must be JSON {sop_instance_uid, label, who}")
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), str) and data.get(k) for k in ("sop_instance_uid", "label")
+        ):
+            return _error(400, "sop_instance_uid and label (strings) are required")
+        who = data.get("who") or "api"
+        try:
+            from edge_node.labels import LabelBook
+        except ImportError:
+            return _error(501, "labels are not available in this build (edge_node.labels missing)")
+
+        def record() -> bool:
+            book = LabelBook(self.node.config.paths.database)
+            try:
+                return bool(
+                    book.set(data["sop_instance_uid"], data["label"], who=str(who), source="api")
+                )
+            finally:
+                book.close()
+
+        try:
+            changed = await run_in_threadpool(record)
+        except LabelError as exc:
+            return _error(400, str(exc))
+        return _json({"ok": True, "changed": changed, "label": data["label"]})
+
+    # -- page --------------------------------------------------------------------------------
+
+    async def page(self, request: Request) -> Response:
+        rows = await run_in_threadpool(self.node.store.recent_predictions, 50)
+        token = request.query_params.get("token", "") if self.token else ""
+        body_rows = self._rows_html(rows, token)
+        if request.query_params.get("fragment") == "rows":
+            return HTMLResponse(body_rows)
+        model = self.node.holder.current()
+        page = self._page.substitute(
+            node_id=html.escape(self.node.config.node_id),
+            model=html.escape(model.info.model_version if model else "none (waiting)"),
+            count=len(rows),
+            rows=body_rows,
+        )
+        return HTMLResponse(page)
+
+    def _rows_html(self, rows: list[dict[str, Any]], token: str) -> str:
+        q = f"?token={html.escape(token)}" if token else ""
+        out = []
+        for r in rows:
+            pid = int(r["id"])
+            uid = html.escape(str(r["sop_instance_uid"]))
+            label = html.escape(str(r["label"]))
+            name = html.escape(Path(str(r["path"])).name)
+            if r["frame"]:
+                name += f" [frame {int(r['frame'])}]"
+            human = r.get("human_label")
+            human_html = html.escape(str(human)) if human else "&ndash;"
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"] or 0))
+            out.append(
+                f'<tr data-id="{pid}" data-uid="{uid}">'
+                f'<td><img class="thumb" alt="slice {pid}" width="{THUMB_PX}" '
+                f'height="{THUMB_PX}" src="/api/thumbnails/{pid}.png{q}"></td>'
+                f'<td class="file">{name}</td>'
+                f'<td class="pred {label}">{label}</td>'
+                f'<td class="conf">{100 * float(r["confidence"]):.1f}%</td>'
+                f'<td class="version">{html.escape(str(r["model_version"]))}</td>'
+                f'<td class="when">{when}</td>'
+                f'<td class="human">{human_html}</td>'
+                '<td class="buttons"><button class="label covid" data-label="covid">covid</button>'
+                '<button class="label non_covid" data-label="non_covid">non_covid</button></td>'
+                "</tr>"
+            )
+        if not out:
+            out.append('<tr class="empty"><td colspan="8">No predictions yet.</td></tr>')
+        return "\n".join(out)
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        types = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in types:
+            return _error(404, "not found")
+        return Response((STATIC / name).read_bytes(), media_type=types[name])
+
+
+class ApiServer:
+    """uvicorn in a background thread, on a socket bound before start (port 0 = free port)."""
+
+    def __init__(self, node: Daemon) -> None:
+        cfg = node.config.api
+        self.host, self.port = cfg.host, cfg.port
+        self.app = NodeApi(node).app()
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        )
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        port = int(sock.getsockname()[1])
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._server.serve(sockets=[sock])),
+            name="api",
+            daemon=True,
+        )
+        self._thread.start()
+        return port
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)

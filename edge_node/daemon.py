@@ -1,0 +1,225 @@
+"""The edge node daemon: config -> store, model holder, watcher, pipeline, model monitor, API.
+
+``Daemon.run()`` blocks until SIGTERM/SIGINT (or ``stop()``), then drains: the watcher stops
+handing over files, every file already handed over is predicted and stored, the API closes,
+and ``run`` returns 0. Files still being written are not waited for: the catch-up scan at the
+next start finds them. A model file replaced on disk is loaded, checked and swapped in
+atomically by the model monitor; the federation client calls ``holder.swap()`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+from edge_node.config import NodeConfig
+from edge_node.errors import ModelError
+from edge_node.inference import ModelHolder
+from edge_node.metrics import PipelineStats
+from edge_node.pipeline import Pipeline
+from edge_node.quarantine import Quarantine
+from edge_node.store import Store
+from edge_node.watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+MODEL_POLL_S = 0.5  # how often the model file is checked for a replacement
+
+
+class ModelMonitor:
+    """Swaps in the model file whenever its (size, mtime, inode) changes and it loads."""
+
+    def __init__(self, path: Path, holder: ModelHolder, poll_s: float = MODEL_POLL_S) -> None:
+        self.path = path
+        self.holder = holder
+        self.poll_s = poll_s
+        self._seen: tuple[int, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def load_now(self) -> bool:
+        """Load the file if it is there (at start); raises ModelError if it cannot be used."""
+        sig = self._signature()
+        if sig is None:
+            return False
+        self._seen = sig
+        self.holder.swap(self.path)
+        return True
+
+    def check(self) -> None:
+        sig = self._signature()
+        if sig is None or sig == self._seen:
+            return
+        self._seen = sig
+        current = self.holder.current()
+        try:
+            if current is not None and current.info.sha256 == _sha256(self.path):
+                return  # touched or copied over with the same content
+            self.holder.swap(self.path)
+        except ModelError as exc:
+            # A half-copied file fails here and loads on the next change; the old model serves.
+            log.error(
+                "new model file not used, still serving %s: %s",
+                current.info.model_version if current else None,
+                exc,
+            )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="model-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:
+                log.exception("model monitor check failed")
+
+
+def _sha256(path: Path) -> str:
+    from edge_node.inference import model_sha256
+
+    return model_sha256(path)
+
+
+class Daemon:
+    """One running edge node."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        paths = config.paths
+        for folder in (paths.inbox, paths.state_dir, paths.quarantine_dir, paths.model_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.store = Store(paths.database)
+        self.holder = ModelHolder(config.inference.intra_op_threads)
+        self.stats = PipelineStats()
+        self.pipeline = Pipeline(
+            holder=self.holder,
+            store=self.store,
+            quarantine=Quarantine(paths.quarantine_dir),
+            preprocess=config.preprocess,
+            files_per_batch=config.watcher.batch_size,
+            slices_per_run=config.inference.batch_size,
+            batch_wait_ms=config.watcher.batch_wait_ms,
+            stats=self.stats,
+        )
+        self.watcher = Watcher(
+            paths.inbox, config.watcher, self.pipeline.submit, known=self.store.file_signatures()
+        )
+        self.pipeline.on_finished = self.watcher.finished
+        self.pipeline.on_retry = self.watcher.retry
+        self.monitor = ModelMonitor(config.model_path, self.holder)
+        self.api: ApiServerLike | None = None
+        self._stop = threading.Event()
+        self.started_at = time.time()
+
+    def start(self) -> None:
+        log.info("config: %s", json.dumps(self.config.describe(), default=str, sort_keys=True))
+        if not self.monitor.load_now():
+            if self.config.inference.model is not None:
+                raise ModelError(f"model file not found: {self.config.model_path}")
+            log.warning(
+                "no model at %s yet: files wait until one is installed", self.config.model_path
+            )
+        self._log_window()
+        self.holder.on_swap(lambda _m: self._log_window())
+        self.pipeline.start()
+        self.watcher.start()
+        self.monitor.start()
+        if self.config.api.enabled:
+            from edge_node.api import ApiServer
+
+            self.api = ApiServer(self)
+            port = self.api.start()
+            (self.config.paths.state_dir / "api.port").write_text(f"{port}\n")
+            log.info(
+                "API on http://%s:%d (token %s)",
+                self.config.api.host,
+                port,
+                "required" if self.config.api.token else "off",
+            )
+        log.info("node %s running", self.config.node_id)
+
+    def _log_window(self) -> None:
+        model = self.holder.current()
+        if model is None:
+            return
+        info, pre = model.info, self.config.preprocess
+        if info.window_center is not None and info.window_width is not None:
+            log.info(
+                "lung window from model metadata: L%g/W%g (config L%g/W%g)",
+                info.window_center,
+                info.window_width,
+                pre.window_center,
+                pre.window_width,
+            )
+        else:
+            log.info(
+                "lung window from config: L%g/W%g (model has none)",
+                pre.window_center,
+                pre.window_width,
+            )
+
+    def stop(self) -> None:
+        """Ask ``run`` to drain and return (thread- and signal-safe)."""
+        self._stop.set()
+
+    def shutdown(self, timeout: float = 60.0) -> bool:
+        """Stop intake, finish in-flight files, close everything; True if fully drained."""
+        t0 = time.monotonic()
+        self.watcher.stop()
+        self.monitor.stop()
+        drained = self.pipeline.drain(timeout)
+        if self.api is not None:
+            self.api.stop()
+        self.store.close()
+        log.info(
+            "node stopped (%s in %.0f ms)",
+            "drained" if drained else "drain timed out",
+            (time.monotonic() - t0) * 1000,
+        )
+        return drained
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, drain; returns the exit code (0)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: draining", signal.Signals(signum).name)
+        self._stop.set()
+
+
+class ApiServerLike(Protocol):
+    """What the daemon needs from the API server (edge_node.api.ApiServer)."""
+
+    def start(self) -> int: ...
+
+    def stop(self) -> None: ...

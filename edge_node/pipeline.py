@@ -1,0 +1,426 @@
+"""Ready files -> preprocess -> batch -> predict -> store, in two overlapping stages.
+
+Stage 1 (preprocess workers) reads and preprocesses each ready file; stage 2 (one inference
+thread) gathers what is prepared into batches, runs onnxruntime (which releases the GIL, so
+the stages overlap) and writes each file's outcome and predictions in one transaction. A lone
+file is predicted as soon as it is prepared (no batching wait); during a burst the queue fills
+while a batch runs, so batches form by themselves.
+
+Nothing a file contains can stop the pipeline: unreadable files are quarantined with a reason,
+valid DICOM we do not predict on is recorded as skipped, a SOP instance already predicted from
+another file is skipped as a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_node.config import PreprocessConfig
+from edge_node.errors import InputError, NodeError, SkippedInput
+from edge_node.inference import ModelHolder, OnnxModel
+from edge_node.metrics import PipelineStats
+from edge_node.quarantine import Quarantine, path_tag
+from edge_node.store import FileRecord, PredictionRow, Store
+from edge_node.watcher import ReadyFile
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class Prepared:
+    """A preprocessed file waiting for the inference stage."""
+
+    ready: ReadyFile
+    meta: Any  # edge_node.preprocess.SliceMeta
+    frames: list[np.ndarray]
+    key: tuple[float, float, int, str]  # (window center, width, size, texture) used
+    texture: np.ndarray | None
+    read_ms: float | None
+    preprocess_ms: float
+
+
+@dataclass
+class Outcome:
+    """What happened to one file (returned by ``process_now``)."""
+
+    outcome: str  # predicted | skipped | quarantined | vanished | retry
+    reason: str | None = None
+    sop_instance_uid: str | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def model_key(model: OnnxModel, config: PreprocessConfig) -> tuple[float, float, int, str]:
+    """Preprocessing that ``model`` expects: its own window when its metadata has one."""
+    info = model.info
+    wc = info.window_center if info.window_center is not None else config.window_center
+    ww = info.window_width if info.window_width is not None else config.window_width
+    return (wc, ww, info.input_size, info.texture)
+
+
+class Pipeline:
+    """Turns ``ReadyFile``s into stored outcomes; ``submit`` is the watcher's sink."""
+
+    def __init__(
+        self,
+        *,
+        holder: ModelHolder,
+        store: Store,
+        quarantine: Quarantine,
+        preprocess: PreprocessConfig,
+        files_per_batch: int = 32,
+        slices_per_run: int = 16,
+        batch_wait_ms: float = 5.0,
+        preprocess_workers: int = 1,
+        on_finished: Callable[[ReadyFile], None] | None = None,
+        on_retry: Callable[[ReadyFile], None] | None = None,
+        stats: PipelineStats | None = None,
+    ) -> None:
+        self.holder = holder
+        self.store = store
+        self.quarantine = quarantine
+        self.preprocess_config = preprocess
+        self.files_per_batch = files_per_batch
+        self.slices_per_run = slices_per_run
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.on_finished = on_finished or (lambda _r: None)
+        self.on_retry = on_retry or self.on_finished
+        self.stats = stats or PipelineStats()
+        self._ready_q: queue.Queue[Any] = queue.Queue()
+        self._prepared_q: queue.Queue[Any] = queue.Queue()
+        self._n_workers = preprocess_workers
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._sop_lock = threading.Lock()
+        self._sops_inflight: dict[str, str] = {}
+        self._params_cache: dict[tuple[Any, ...], Any] = {}
+        self._texture_fn: Callable[[np.ndarray], np.ndarray] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        # Import pydicom & co. now, not when the first file arrives (that costs ~0.5 s).
+        import edge_node.preprocess  # noqa: F401
+
+        for i in range(self._n_workers):
+            t = threading.Thread(target=self._preprocess_loop, name=f"preprocess-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        t = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def submit(self, ready: ReadyFile) -> None:
+        self._ready_q.put(ready)
+
+    def queue_depth(self) -> dict[str, int]:
+        return {"ready": self._ready_q.qsize(), "prepared": self._prepared_q.qsize()}
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Finish every file already submitted, then stop the threads; True if all finished."""
+        self._stopping.set()
+        for _ in range(self._n_workers):
+            self._ready_q.put(_STOP)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    # -- synchronous path (API upload, `fedscan predict` uses OnnxModel directly) ----------
+
+    def process_now(self, path: Path) -> Outcome:
+        """Preprocess, predict and store one file in the calling thread."""
+        st = path.stat()
+        ready = ReadyFile(path, st.st_size, st.st_mtime, True, time.monotonic(), "upload")
+        model = self.holder.current()
+        if model is None:
+            raise NodeError("no model loaded yet")
+        result = self._prepare(ready, model)
+        if isinstance(result, Outcome):
+            return result
+        rows = self._predict_and_store([result], model)
+        sop = str(result.meta.sop_instance_uid)
+        return Outcome("predicted", None, sop, rows.get(str(path), []))
+
+    # -- stage 1 ---------------------------------------------------------------------------
+
+    def _preprocess_loop(self) -> None:
+        while True:
+            item = self._ready_q.get()
+            if item is _STOP:
+                self._prepared_q.put(_STOP)
+                return
+            ready: ReadyFile = item
+            model = self.holder.current()
+            while model is None and not self._stopping.is_set():
+                model = self.holder.wait(0.5)
+            if model is None:  # shutting down before any model arrived: next start scans again
+                continue
+            try:
+                result = self._prepare(ready, model)
+            except Exception:
+                log.exception("preprocess stage failed on file %s", path_tag(ready.path))
+                self._safe_finish(ready)
+                continue
+            if isinstance(result, Prepared):
+                self._prepared_q.put(result)
+
+    def _params(self, key: tuple[float, float, int, str]) -> Any:
+        p = self._params_cache.get(key)
+        if p is None:
+            from edge_node.preprocess import PreprocessParams
+
+            p = PreprocessParams(
+                window_center=key[0],
+                window_width=key[1],
+                size=key[2],
+                modalities=tuple(self.preprocess_config.modalities),
+            )
+            self._params_cache[key] = p
+        return p
+
+    def _texture(self, frames: list[np.ndarray]) -> np.ndarray:
+        if self._texture_fn is None:
+            from edge_node.texture import texture_features  # scikit-image: only when needed
+
+            self._texture_fn = texture_features
+        return np.stack([self._texture_fn(f) for f in frames]).astype(np.float32)
+
+    def _prepare(self, ready: ReadyFile, model: OnnxModel) -> Prepared | Outcome:
+        """Preprocess one file; every failure becomes a stored outcome (or a retry)."""
+        from edge_node.preprocess import prepare
+
+        key = model_key(model, self.preprocess_config)
+        try:
+            pf = prepare(ready.path, self._params(key))
+        except FileNotFoundError:
+            self.on_finished(ready)  # deleted before we got to it: nothing to record
+            return Outcome("vanished")
+        except SkippedInput as exc:
+            return self._finish_unusable(ready, "skipped", exc.reason, str(exc), None)
+        except InputError as exc:
+            if not ready.stable:
+                self.on_retry(ready)  # maybe still being written: wait for a quiet period
+                return Outcome("retry", exc.reason)
+            return self._finish_unusable(ready, "quarantined", exc.reason, str(exc), None)
+        except Exception as exc:  # a decoder bug must not take the node down
+            if not ready.stable:
+                self.on_retry(ready)
+                return Outcome("retry", "error")
+            detail = f"{type(exc).__name__}: {exc}"
+            return self._finish_unusable(ready, "quarantined", "error", detail, None)
+        sop = str(pf.meta.sop_instance_uid)
+        path = str(ready.path)
+        with self._sop_lock:
+            other = self._sops_inflight.get(sop)
+            if other is None:
+                stored = self.store.predicted_path(sop)
+                other = stored if stored != path else None
+            if other is not None and other != path:
+                dup = True
+            else:
+                dup = False
+                self._sops_inflight[sop] = path
+        if dup:
+            return self._finish_unusable(
+                ready,
+                "skipped",
+                "duplicate_sop_instance_uid",
+                "same SOP instance as another file",
+                pf.meta,
+            )
+        try:
+            texture = self._texture(pf.frames) if model.info.needs_texture else None
+        except Exception as exc:
+            self._release_sop(sop)
+            detail = f"{type(exc).__name__}: {exc}"
+            return self._finish_unusable(ready, "quarantined", "texture_error", detail, pf.meta)
+        return Prepared(
+            ready=ready,
+            meta=pf.meta,
+            frames=list(pf.frames),
+            key=key,
+            texture=texture,
+            read_ms=pf.read_ms,
+            preprocess_ms=pf.preprocess_ms,
+        )
+
+    def _release_sop(self, sop: str) -> None:
+        with self._sop_lock:
+            self._sops_inflight.pop(sop, None)
+
+    def _finish_unusable(
+        self, ready: ReadyFile, outcome: str, reason: str, detail: str, meta: Any
+    ) -> Outcome:
+        if outcome == "quarantined" and ready.via != "upload":
+            self.quarantine.put(ready.path, reason, detail)
+        sop = str(meta.sop_instance_uid) if meta is not None else None
+        n_frames = int(meta.n_frames) if meta is not None else None
+        rec = FileRecord(
+            str(ready.path), ready.size, ready.mtime, sop, outcome, f"{reason}: {detail}", n_frames
+        )
+        if ready.via != "upload":
+            self.store.record_file(rec)
+        self.stats.count(outcome, reason)
+        log.info("file %s %s (%s)", path_tag(ready.path), outcome, reason)
+        self._safe_finish(ready)
+        return Outcome(outcome, reason, sop)
+
+    def _safe_finish(self, ready: ReadyFile) -> None:
+        try:
+            self.on_finished(ready)
+        except Exception:
+            log.exception("watcher callback failed")
+
+    # -- stage 2 ---------------------------------------------------------------------------
+
+    def _inference_loop(self) -> None:
+        stops = 0
+        while stops < self._n_workers:
+            item = self._prepared_q.get()
+            if item is _STOP:
+                stops += 1
+                continue
+            batch: list[Prepared] = [item]
+            stops += self._gather(batch)
+            model = self.holder.current()
+            if model is None:  # cannot happen: stage 1 only prepares with a model
+                continue
+            try:
+                self._predict_and_store(batch, model)
+            except Exception:
+                log.exception("inference batch of %d files failed; retrying one by one", len(batch))
+                for p in batch:
+                    self._predict_alone(p, model)
+
+    def _gather(self, batch: list[Prepared]) -> int:
+        """Add already-prepared files to ``batch`` (briefly waiting only during a burst)."""
+        stops = 0
+        deadline = time.monotonic() + self.batch_wait_s
+        burst = not self._prepared_q.empty() or not self._ready_q.empty()
+        while len(batch) < self.files_per_batch:
+            try:
+                if burst:
+                    item = self._prepared_q.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    item = self._prepared_q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stops += 1
+                if stops >= self._n_workers:
+                    break
+                continue
+            batch.append(item)
+        return stops
+
+    def _predict_alone(self, p: Prepared, model: OnnxModel) -> None:
+        try:
+            self._predict_and_store([p], model)
+        except Exception as exc:
+            self._release_sop(str(p.meta.sop_instance_uid))
+            detail = f"{type(exc).__name__}: {exc}"
+            self._finish_unusable(p.ready, "quarantined", "inference_error", detail, p.meta)
+
+    def _predict_and_store(
+        self, batch: list[Prepared], model: OnnxModel
+    ) -> dict[str, list[dict[str, Any]]]:
+        key = model_key(model, self.preprocess_config)
+        for i, p in enumerate(batch):
+            if p.key != key:  # the model was swapped since this file was prepared
+                redo = self._prepare(p.ready, model)
+                if not isinstance(redo, Prepared):
+                    self._release_sop(str(p.meta.sop_instance_uid))
+                    batch[i] = None  # type: ignore[call-overload]
+                    continue
+                batch[i] = redo
+        batch = [p for p in batch if p is not None]
+        if not batch:
+            return {}
+        images = np.stack([f for p in batch for f in p.frames])[:, None, :, :]
+        texture = (
+            np.concatenate([p.texture for p in batch if p.texture is not None])
+            if model.info.needs_texture
+            else None
+        )
+        labels: list[str] = []
+        conf: list[np.ndarray] = []
+        covid: list[np.ndarray] = []
+        infer_ms = np.zeros(len(images), np.float64)
+        for lo in range(0, len(images), self.slices_per_run):
+            hi = lo + self.slices_per_run
+            t0 = time.perf_counter()
+            pred = model.predict(images[lo:hi], None if texture is None else texture[lo:hi])
+            infer_ms[lo:hi] = (time.perf_counter() - t0) * 1000.0 / len(pred)
+            labels += pred.labels
+            conf.append(pred.confidence)
+            covid.append(pred.prob_covid)
+        confidence = np.concatenate(conf)
+        prob_covid = np.concatenate(covid)
+        version = model.info.model_version
+        records: list[tuple[FileRecord, list[PredictionRow]]] = []
+        i = 0
+        now = time.monotonic()
+        for p in batch:
+            m = p.meta
+            rows = []
+            total_ms = (now - p.ready.detected) * 1000.0
+            for frame in range(len(p.frames)):
+                pc = float(prob_covid[i])
+                rows.append(
+                    PredictionRow(
+                        sop_instance_uid=str(m.sop_instance_uid),
+                        frame=frame,
+                        series_instance_uid=_opt(m.series_instance_uid),
+                        study_instance_uid=_opt(m.study_instance_uid),
+                        patient_key=_opt(m.patient_key),
+                        path=str(p.ready.path),
+                        label=labels[i],
+                        confidence=float(confidence[i]),
+                        prob_covid=None if np.isnan(pc) else pc,
+                        model_version=version,
+                        read_ms=p.read_ms,
+                        preprocess_ms=p.preprocess_ms,
+                        infer_ms=float(infer_ms[i]),
+                        total_ms=total_ms,
+                    )
+                )
+                i += 1
+            rec = FileRecord(
+                str(p.ready.path),
+                p.ready.size,
+                p.ready.mtime,
+                str(m.sop_instance_uid),
+                "predicted",
+                None,
+                len(p.frames),
+            )
+            records.append((rec, rows))
+        ids = self.store.record_files(records)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for (rec, rows), row_ids in zip(records, ids, strict=True):
+            out[rec.path] = [
+                {"id": rid, **{k: getattr(r, k) for k in r.__dataclass_fields__}}
+                for rid, r in zip(row_ids, rows, strict=True)
+            ]
+        for p in batch:
+            self._release_sop(str(p.meta.sop_instance_uid))
+            self.stats.count("predicted", None)
+            self.stats.observe_ms((time.monotonic() - p.ready.detected) * 1000.0, len(p.frames))
+            self._safe_finish(p.ready)
+        log.debug("batch: %d files, %d slices, model %s", len(batch), len(images), version)
+        return out
+
+
+def _opt(v: Any) -> str | None:
+    return None if v is None or v == "" else str(v)

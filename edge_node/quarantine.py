@@ -1,0 +1,71 @@
+"""Quarantine: a copy of each unusable input file with a ``<name>.reason.json`` beside it.
+
+The inbox is never modified, so the original stays where it is; the copy lets an operator
+inspect what the node refused even after the sender cleans up. The reason file is written
+atomically (temporary name, then rename) so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def path_tag(path: Path | str) -> str:
+    """A short stable tag for a file, for logs that must not carry paths (patient names)."""
+    return hashlib.sha256(os.fsencode(str(path))).hexdigest()[:10]
+
+
+class Quarantine:
+    """Copies refused files into ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._lock = threading.Lock()
+
+    def put(self, src: Path, reason: str, detail: str = "") -> Path | None:
+        """Copy ``src`` and write its reason file; returns the copy, or None if ``src`` vanished."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:  # name choice + copy must not race another worker
+            dst = self._free_name(src)
+            try:
+                shutil.copy2(src, dst)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                log.error("quarantine copy failed for file %s: %s", path_tag(src), exc.strerror)
+                return None
+            record = {
+                "reason": reason,
+                "detail": detail,
+                "source_path": str(src),
+                "size": dst.stat().st_size,
+                "quarantined_at": time.time(),
+            }
+            reason_path = dst.with_name(dst.name + ".reason.json")
+            tmp = reason_path.with_name("." + reason_path.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, reason_path)
+        log.warning("quarantined file %s: %s", path_tag(src), reason)
+        return dst
+
+    def _free_name(self, src: Path) -> Path:
+        dst = self.folder / src.name
+        if not dst.exists():
+            return dst
+        stem, suffix = src.stem, src.suffix
+        tag = path_tag(src)
+        for i in range(10_000):
+            extra = f"-{tag}" if i == 0 else f"-{tag}-{i}"
+            candidate = self.folder / f"{stem}{extra}{suffix}"
+            if not candidate.exists():
+                return candidate
+        raise OSError(f"no free quarantine name for {src.name}")

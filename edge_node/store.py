@@ -1,0 +1,258 @@
+"""SQLite (WAL) state of the node: one outcome per inbox file, one prediction per slice/frame.
+
+The schema is a contract (docs/CONTRACTS.md): labels, training and the audit read these
+tables. One connection guarded by a lock serves every thread of the daemon; readers in other
+processes (``fedscan node label``, the trainer) see committed rows thanks to WAL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_node.errors import StoreError
+
+OUTCOMES: tuple[str, ...] = ("predicted", "skipped", "quarantined")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    size INT,
+    mtime REAL,
+    sop_instance_uid TEXT,
+    outcome TEXT CHECK(outcome IN ('predicted','skipped','quarantined')),
+    reason TEXT,
+    n_frames INT,
+    updated_at REAL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT,
+    frame INT,
+    series_instance_uid TEXT,
+    study_instance_uid TEXT,
+    patient_key TEXT,
+    path TEXT,
+    label TEXT,
+    confidence REAL,
+    prob_covid REAL,
+    model_version TEXT,
+    read_ms REAL,
+    preprocess_ms REAL,
+    infer_ms REAL,
+    total_ms REAL,
+    created_at REAL,
+    UNIQUE(sop_instance_uid, frame)
+);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
+CREATE INDEX IF NOT EXISTS files_sop ON files(sop_instance_uid);
+"""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """The outcome of one inbox file (row of ``files``)."""
+
+    path: str
+    size: int
+    mtime: float
+    sop_instance_uid: str | None
+    outcome: str
+    reason: str | None = None
+    n_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise StoreError(f"outcome must be one of {OUTCOMES}, not {self.outcome!r}")
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One predicted slice or frame (row of ``predictions`` without id/created_at)."""
+
+    sop_instance_uid: str
+    frame: int
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    patient_key: str | None
+    path: str
+    label: str
+    confidence: float
+    prob_covid: float | None
+    model_version: str
+    read_ms: float | None
+    preprocess_ms: float | None
+    infer_ms: float | None
+    total_ms: float | None
+
+
+_PRED_COLS = tuple(PredictionRow.__dataclass_fields__)
+
+
+class Store:
+    """Thread-safe access to ``node.sqlite``."""
+
+    def __init__(self, db_path: Path | str) -> None:
+        self.db_path = Path(db_path)
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                str(self.db_path), check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {self.db_path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed: {exc}") from exc
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            try:
+                return list(self._conn.execute(sql, params).fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database read failed: {exc}") from exc
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def record_file(self, rec: FileRecord, predictions: Sequence[PredictionRow] = ()) -> list[int]:
+        """Write one file's outcome and its predictions in one transaction; returns row ids."""
+        return self.record_files([(rec, predictions)])[0]
+
+    def record_files(
+        self, items: Sequence[tuple[FileRecord, Sequence[PredictionRow]]]
+    ) -> list[list[int]]:
+        """Write several files' outcomes and predictions in one transaction.
+
+        A prediction for a (sop_instance_uid, frame) already stored is replaced (the same slice
+        sent again, e.g. through the API after a model update): one row per slice, ever.
+        """
+        now = time.time()
+        out: list[list[int]] = []
+        cols = ", ".join(_PRED_COLS)
+        marks = ", ".join("?" for _ in _PRED_COLS)
+        updates = ", ".join(f"{k}=excluded.{k}" for k in _PRED_COLS if k != "frame")
+        with self._tx() as c:
+            for rec, predictions in items:
+                c.execute(
+                    "INSERT INTO files(path, size, mtime, sop_instance_uid, outcome, reason,"
+                    " n_frames, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE"
+                    " SET size=excluded.size, mtime=excluded.mtime,"
+                    " sop_instance_uid=excluded.sop_instance_uid, outcome=excluded.outcome,"
+                    " reason=excluded.reason, n_frames=excluded.n_frames,"
+                    " updated_at=excluded.updated_at",
+                    (
+                        rec.path,
+                        rec.size,
+                        rec.mtime,
+                        rec.sop_instance_uid,
+                        rec.outcome,
+                        rec.reason,
+                        rec.n_frames,
+                        now,
+                    ),
+                )
+                ids: list[int] = []
+                for p in predictions:
+                    row = c.execute(
+                        f"INSERT INTO predictions({cols}, created_at) VALUES ({marks}, ?)"
+                        f" ON CONFLICT(sop_instance_uid, frame) DO UPDATE SET {updates},"
+                        " created_at=excluded.created_at RETURNING id",
+                        (*asdict(p).values(), now),
+                    ).fetchone()
+                    ids.append(int(row[0]))
+                out.append(ids)
+        return out
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def file_signatures(self) -> dict[str, tuple[int, float]]:
+        """path -> (size, mtime) of every file with an outcome (for the catch-up scan)."""
+        rows = self._query("SELECT path, size, mtime FROM files")
+        return {r["path"]: (int(r["size"] or 0), float(r["mtime"] or 0.0)) for r in rows}
+
+    def file(self, path: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM files WHERE path = ?", (path,))
+        return dict(rows[0]) if rows else None
+
+    def predicted_path(self, sop_instance_uid: str) -> str | None:
+        """Path of the file a SOP instance was predicted from, or None if never predicted."""
+        rows = self._query(
+            "SELECT path FROM predictions WHERE sop_instance_uid = ? ORDER BY frame LIMIT 1",
+            (sop_instance_uid,),
+        )
+        return str(rows[0]["path"]) if rows else None
+
+    def predictions_for(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT * FROM predictions WHERE sop_instance_uid = ? ORDER BY frame",
+            (sop_instance_uid,),
+        )
+        return [dict(r) for r in rows]
+
+    def recent_predictions(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Newest first; joined with the human label when edge_node.labels created its table."""
+        limit = max(1, min(int(limit), 10_000))
+        if self._has_table("labels"):
+            sql = (
+                "SELECT p.*, l.label AS human_label, l.who AS labelled_by FROM predictions p"
+                " LEFT JOIN labels l ON l.sop_instance_uid = p.sop_instance_uid"
+                " ORDER BY p.created_at DESC, p.id DESC LIMIT ?"
+            )
+        else:
+            sql = "SELECT * FROM predictions ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [dict(r) for r in self._query(sql, (limit,))]
+
+    def prediction(self, pred_id: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM predictions WHERE id = ?", (pred_id,))
+        return dict(rows[0]) if rows else None
+
+    def counts_by_outcome(self) -> dict[str, int]:
+        rows = self._query("SELECT outcome, COUNT(*) AS n FROM files GROUP BY outcome")
+        counts = dict.fromkeys(OUTCOMES, 0)
+        counts.update({str(r["outcome"]): int(r["n"]) for r in rows})
+        return counts
+
+    def counts_by_label(self) -> dict[str, int]:
+        rows = self._query("SELECT label, COUNT(*) AS n FROM predictions GROUP BY label")
+        return {str(r["label"]): int(r["n"]) for r in rows}
+
+    def count_predictions(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM predictions")[0]["n"])
+
+    def _has_table(self, name: str) -> bool:
+        rows = self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+        return bool(rows)
