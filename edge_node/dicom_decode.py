@@ -1,0 +1,306 @@
+"""Read a DICOM file completely and decode its pixels, turning every failure into an InputError.
+
+pydicom is lenient on purpose: a file cut off in its pixel data or before the sequence delimiter
+still "reads" (the element is dropped, sometimes the whole dataset), and ``force=True`` turns any
+bytes into a dataset of junk private tags. The watcher needs the opposite: a file is usable only
+when it parses fully, so this module adds the checks pydicom leaves out.
+
+Reason codes (``exc.reason``), stable and greppable:
+
+    NotDicomError     not_dicom        no DICOM structure (no preamble and no plausible dataset)
+                      truncated        DICOM header seen, but the dataset or its pixels are cut off
+                                       (a partial write or a broken transfer: retry later)
+                      missing_uid      no SOPInstanceUID anywhere (cannot dedupe or store)
+    PixelDecodeError  pixel_decode     the decoder for this transfer syntax failed on the data
+                      no_decoder       no installed plugin handles this transfer syntax
+    SkippedInput      no_pixel_data    a valid object without an image (SR, presentation state...)
+
+Messages never carry patient identifiers or paths: the caller knows the path.
+
+Transfer syntaxes: native (implicit/explicit little endian, explicit big endian), Deflated
+Explicit VR Little Endian (pydicom inflates it while reading), JPEG Lossless and JPEG-LS
+(python-gdcm), JPEG 2000 and HTJ2K (pylibjpeg-openjpeg), RLE Lossless (pylibjpeg-rle, pydicom's
+own as fallback), and Deflated Image Frame Compression (1.2.840.10008.1.2.8.1, each frame raw
+deflate), which pydicom 3.0 does not know and this module inflates itself.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.pixels import pixel_array
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from edge_node.errors import InputError, NotDicomError, PixelDecodeError, SkippedInput
+
+E = TypeVar("E", bound=InputError)
+
+# Deflated Image Frame Compression (DICOM 2024c); unknown to pydicom 3.0.
+DEFLATED_IMAGE_FRAME = "1.2.840.10008.1.2.8.1"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Errors pydicom and the decoding plugins raise on bad input (no bare Exception: a bug in our
+# own code must still surface as a crash in tests).
+_PARSE_ERRORS = (
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    OverflowError,
+    NotImplementedError,
+    AttributeError,
+    UnicodeDecodeError,
+    zlib.error,
+    InvalidDicomError,
+    BytesLengthException,
+    struct.error,
+)
+_DECODE_ERRORS = (*_PARSE_ERRORS, RuntimeError, MemoryError)
+
+Source = str | Path | bytes
+
+
+def input_error(cls: type[E], reason: str, message: str) -> E:
+    """An InputError subclass instance carrying its own short ``reason`` code."""
+    exc = cls(message)
+    exc.reason = reason
+    return exc
+
+
+def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset:
+    """Parse a whole DICOM file (path or bytes) and check that it is complete.
+
+    Files without the 128-byte preamble are accepted only when a forced parse yields a dataset
+    with a numeric SOP Class UID (old ACR-NEMA style or raw datasets do exist in PACS exports);
+    random bytes never do. OSError while reading the file itself (vanished, no permission)
+    propagates: that is not a property of the content.
+    """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        ds: Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        ds = _read_forced(data, stop_before_pixels)
+        _check_complete(ds, len(data), stop_before_pixels)
+    except (EOFError, OSError, struct.error, BytesLengthException) as exc:
+        # pydicom's "No tag to read at file position" and friends: the bytes ran out
+        raise input_error(NotDicomError, "truncated", f"cut off: {_short(exc)}") from exc
+    except _PARSE_ERRORS as exc:
+        raise input_error(NotDicomError, "not_dicom", f"cannot parse: {_short(exc)}") from exc
+    else:
+        _check_complete(ds, len(data), stop_before_pixels)
+    _parse_fully(ds)
+    if not _valid_uid(ds.get("SOPInstanceUID")):
+        meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
+        if meta_uid:
+            ds.SOPInstanceUID = meta_uid
+        elif "SOPInstanceUID" not in ds:
+            raise input_error(NotDicomError, "missing_uid", "no SOPInstanceUID")
+    return ds
+
+
+def _check_complete(ds: Dataset, size: int, stop_before_pixels: bool) -> None:
+    """pydicom stops quietly when the bytes run out: an element whose value ends past the end
+    of the file, or a few bytes left over that cannot hold an element header, mean a cut file
+    (the last top-level element is checked; nested ones are covered by parsing them)."""
+    if len(ds) == 0:
+        raise input_error(NotDicomError, "truncated", "file meta present but dataset cut off")
+    if transfer_syntax(ds) == str(DeflatedExplicitVRLittleEndian):
+        return  # offsets refer to the inflated stream
+    last = ds.get_item(max(ds.keys()))
+    if not isinstance(last, RawDataElement) or last.length == UNDEFINED_LENGTH:
+        return
+    end = last.value_tell + last.length
+    if end > size:
+        raise input_error(NotDicomError, "truncated", f"last element needs {end - size} more bytes")
+    if not stop_before_pixels and 0 < size - end < 8:
+        raise input_error(NotDicomError, "truncated", "partial element header at end of file")
+
+
+def _read_forced(data: bytes, stop_before_pixels: bool) -> Dataset:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+    except (*_PARSE_ERRORS, OSError, BytesLengthException) as exc:
+        raise input_error(NotDicomError, "not_dicom", "no DICOM preamble, not a dataset") from exc
+    try:
+        plausible = bool(_UID_RE.match(str(ds.get("SOPClassUID") or "")))
+    except _PARSE_ERRORS:
+        plausible = False
+    if not plausible:
+        raise input_error(NotDicomError, "not_dicom", "no DICOM preamble and no SOP Class UID")
+    # Group 0002 elements inline in the dataset (some writers do that) become the file meta;
+    # otherwise the encoding pydicom detected names the transfer syntax.
+    meta = FileMetaDataset()
+    for elem in list(ds.group_dataset(0x0002)):
+        meta.add(elem)
+        del ds[elem.tag]
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        if implicit:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta = meta
+    return ds
+
+
+def _parse_fully(ds: Dataset) -> None:
+    """Convert every raw element (recursively) so that a broken one fails now, not later."""
+    try:
+        for _ in ds.iterall():
+            pass
+    except _PARSE_ERRORS as exc:
+        raise input_error(NotDicomError, "not_dicom", f"broken element: {_short(exc)}") from exc
+
+
+def _valid_uid(value: object) -> bool:
+    # Some de-identifiers write hex digests into UI elements (bad_sequence.dcm); any non-empty
+    # printable value still identifies the instance, so only emptiness and junk bytes fail.
+    if value is None:
+        return False
+    text = str(value).strip().rstrip("\x00")
+    return bool(text) and len(text) <= 128 and (bool(_UID_RE.match(text)) or text.isprintable())
+
+
+def transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    return str(ts) if ts else str(ImplicitVRLittleEndian)
+
+
+def has_pixels(ds: Dataset) -> bool:
+    return any(k in ds for k in _PIXEL_KEYWORDS)
+
+
+def is_image_sop_class(ds: Dataset) -> bool:
+    """SOP classes whose instances always carry pixel data (any "... Image Storage", SEG,
+    parametric maps)."""
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    name = UID(str(uid or "")).name
+    return "Image Storage" in name or name in ("Segmentation Storage", "Parametric Map Storage")
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """Stored pixel values, shape ``(frames, rows, cols)`` or ``(frames, rows, cols, 3)``.
+
+    Native byte order; YBR colour spaces converted to RGB; nothing rescaled. Raises
+    NotDicomError("truncated") when the pixel data is shorter than the header says,
+    PixelDecodeError when a decoder fails, SkippedInput("no_pixel_data") for image-less objects.
+    """
+    if not has_pixels(ds):
+        if ("Rows" in ds and "Columns" in ds) or is_image_sop_class(ds):
+            # pydicom drops an encapsulated Pixel Data element whose delimiter is missing, and
+            # stops quietly at EOF inside the header: an image object without pixels was cut.
+            raise input_error(NotDicomError, "truncated", "image object without pixel data")
+        raise input_error(SkippedInput, "no_pixel_data", "object carries no image")
+    ts = transfer_syntax(ds)
+    if ts == DEFLATED_IMAGE_FRAME:
+        _inflate_frames(ds)
+        ts = str(ExplicitVRLittleEndian)
+    elif "PixelData" in ds and not _is_encapsulated(ds, ts):
+        _check_native_length(ds)
+    try:
+        arr = pixel_array(ds)  # not ds.pixel_array: no cached copy kept on the dataset
+    except NotImplementedError as exc:
+        raise input_error(
+            PixelDecodeError, "no_decoder", f"no decoder for {_ts_name(ts)}: {_short(exc)}"
+        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"{_ts_name(ts)} decode failed: {_short(exc)}"
+        ) from exc
+    return _frames_first(ds, arr)
+
+
+def _frames_first(ds: Dataset, arr: np.ndarray) -> np.ndarray:
+    spp = int(ds.get("SamplesPerPixel") or 1)
+    n = number_of_frames(ds)
+    single_ndim = 2 if spp == 1 else 3
+    if arr.ndim == single_ndim:
+        arr = arr[np.newaxis]
+    if arr.ndim != single_ndim + 1 or arr.shape[0] != n:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"decoded shape {arr.shape} does not match header"
+        )
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _is_encapsulated(ds: Dataset, ts: str) -> bool:
+    try:
+        return bool(UID(ts).is_encapsulated)
+    except ValueError:  # not a transfer syntax pydicom knows: trust the element encoding
+        return bool(ds["PixelData"].is_undefined_length)
+
+
+def _check_native_length(ds: Dataset) -> None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"image geometry missing: {_short(exc)}"
+        ) from exc
+    n_bits = rows * cols * spp * number_of_frames(ds) * bits
+    expected = (n_bits + 7) // 8
+    got = len(ds.PixelData)
+    if got < expected:
+        raise input_error(
+            NotDicomError, "truncated", f"pixel data {got} of {expected} bytes: file cut off"
+        )
+
+
+def _inflate_frames(ds: Dataset) -> None:
+    """Deflated Image Frame Compression: each fragment-frame is raw deflate of native bytes."""
+    n = number_of_frames(ds)
+    try:
+        frames = [
+            zlib.decompress(f, -15) for f in generate_frames(ds.PixelData, number_of_frames=n)
+        ]
+    except _DECODE_ERRORS as exc:
+        raise input_error(PixelDecodeError, "pixel_decode", f"deflate: {_short(exc)}") from exc
+    ds.PixelData = b"".join(frames)
+    elem = ds["PixelData"]
+    elem.is_undefined_length = False
+    elem.VR = "OB" if int(ds.get("BitsAllocated") or 8) <= 8 else "OW"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    _check_native_length(ds)
+
+
+def _ts_name(ts: str) -> str:
+    name = UID(ts).name
+    return name if name and name != ts else ts
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first[:160]

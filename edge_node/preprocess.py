@@ -1,0 +1,216 @@
+"""One DICOM file -> model-ready frames: float32 ``(size, size)`` in [0, 1], one per frame.
+
+Torch-free (numpy, pydicom, Pillow): the predict-only workstation runs it.
+
+    read (full parse, completeness checks)      edge_node.dicom_decode.read_dataset
+    -> usable? modality allow-list, no SEG / 1-bit, no colour unless Secondary Capture
+    -> decode pixels (gdcm, openjpeg, rle, deflate, big endian)   dicom_decode.decode_pixels
+    -> "hu": HU (rescale, Enhanced CT functional groups) -> lung window     edge_node.hu
+       "display": 8-bit display values / 255 (SC from PNG/JPG), colour -> luminance
+    -> MONOCHROME2 convention (where MONOCHROME1 is inverted: see edge_node.hu)
+    -> antialiased resize to size x size (Pillow, mode "F", bilinear = triangle filter
+       scaled to the reduction, no overshoot)
+
+Errors (each with a short ``.reason``; codes listed in edge_node.dicom_decode and here):
+NotDicomError, PixelDecodeError, SkippedInput. SkippedInput reasons added here:
+``modality:<MOD>`` (not in the allow-list; ``none`` when absent), ``segmentation`` (SEG SOP
+class), ``bits_allocated:1``, ``color:<PHOTOMETRIC>`` (colour that is not a Secondary Capture).
+
+Images are stretched to a square, not padded: CT slices are square already, and the trainer
+sees exactly this function's output, so train and inference agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from edge_node.dicom_decode import (
+    Source,
+    decode_pixels,
+    input_error,
+    number_of_frames,
+    read_dataset,
+    transfer_syntax,
+)
+from edge_node.errors import ConfigError, SkippedInput
+from edge_node.hu import (
+    apply_window,
+    choose_pipeline,
+    is_color,
+    is_secondary_capture,
+    photometric,
+    to_display,
+    to_hu,
+    windowed,
+)
+
+__all__ = [
+    "PreparedFile",
+    "PreprocessParams",
+    "SliceMeta",
+    "apply_window",
+    "load",
+    "patient_key",
+    "prepare",
+    "prepare_dataset",
+    "read_meta",
+    "resize",
+    "to_display",
+    "to_hu",
+]
+
+SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+ANY_MODALITY = "*"
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    window_center: float = -600.0  # lung window level (HU); the model metadata overrides it
+    window_width: float = 1500.0  # lung window width (HU)
+    size: int = 224  # output side (model input)
+    modalities: tuple[str, ...] = ("CT",)  # allow-list; "*" accepts any modality
+
+    def __post_init__(self) -> None:
+        if not self.window_width > 0:
+            raise ConfigError("preprocess: window_width must be > 0")
+        if self.size < 16:
+            raise ConfigError("preprocess: size must be >= 16")
+        if not self.modalities:
+            raise ConfigError("preprocess: modalities must not be empty")
+        upper = tuple(m.strip().upper() for m in self.modalities)
+        object.__setattr__(self, "modalities", upper)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> PreprocessParams:
+        """From ``edge_node.config.PreprocessConfig`` (or anything with the same fields)."""
+        return cls(
+            window_center=float(cfg.window_center),
+            window_width=float(cfg.window_width),
+            size=int(cfg.size),
+            modalities=tuple(cfg.modalities),
+        )
+
+    def accepts(self, modality: str) -> bool:
+        return ANY_MODALITY in self.modalities or modality.upper() in self.modalities
+
+
+@dataclass(frozen=True)
+class SliceMeta:
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_key: str  # sha256 hex of PatientID (of StudyInstanceUID when PatientID is empty)
+    modality: str
+    transfer_syntax: str  # UID
+    n_frames: int
+    photometric: str  # as stored (MONOCHROME1, MONOCHROME2, RGB, ...)
+    rows: int
+    cols: int
+    pipeline: str  # "hu" | "display"
+
+
+@dataclass(frozen=True)
+class PreparedFile:
+    meta: SliceMeta
+    frames: list[np.ndarray]  # float32 (size, size) in [0, 1], MONOCHROME2 convention
+    read_ms: float = 0.0  # parse time (prepare() only; 0 from prepare_dataset)
+    preprocess_ms: float = 0.0  # decode + HU/window + resize
+
+
+def patient_key(patient_id: str | None, study_uid: str | None = None) -> str:
+    """sha256 hex of the PatientID; an empty PatientID hashes the StudyInstanceUID instead, so
+    anonymised studies still group. The only patient-derived value that may leave the file."""
+    pid = (patient_id or "").strip()
+    basis = pid if pid else (study_uid or "").strip()
+    return hashlib.sha256(basis.encode("utf-8")).hexdigest()
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def slice_meta(ds: Dataset) -> SliceMeta:
+    """Header facts of a parsed dataset (no pixel decoding)."""
+    study = _text(ds, "StudyInstanceUID")
+    return SliceMeta(
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        study_instance_uid=study,
+        patient_key=patient_key(_text(ds, "PatientID"), study),
+        modality=_text(ds, "Modality").upper(),
+        transfer_syntax=transfer_syntax(ds),
+        n_frames=number_of_frames(ds),
+        photometric=photometric(ds),
+        rows=int(ds.get("Rows") or 0),
+        cols=int(ds.get("Columns") or 0),
+        pipeline=choose_pipeline(ds),
+    )
+
+
+def read_meta(path: Source) -> SliceMeta:
+    """Header only (stops before the pixel data): for label ingestion and dedupe."""
+    return slice_meta(read_dataset(path, stop_before_pixels=True))
+
+
+def load(source: Source) -> Dataset:
+    """Full parse with completeness checks (NotDicomError otherwise)."""
+    return read_dataset(source)
+
+
+def check_usable(ds: Dataset, meta: SliceMeta, params: PreprocessParams) -> None:
+    """Raise SkippedInput for a valid DICOM object we do not predict on."""
+    if not params.accepts(meta.modality):
+        mod = meta.modality or "none"
+        raise input_error(SkippedInput, f"modality:{mod}", f"modality {mod} not in allow-list")
+    if str(ds.get("SOPClassUID") or "") == SEGMENTATION_CLASS:
+        raise input_error(SkippedInput, "segmentation", "segmentation object, not an image")
+    if int(ds.get("BitsAllocated") or 0) == 1:
+        raise input_error(SkippedInput, "bits_allocated:1", "1-bit (binary) pixel data")
+    if is_color(ds) and not is_secondary_capture(ds):
+        code = meta.photometric.replace(" ", "_")
+        raise input_error(SkippedInput, f"color:{code}", f"colour image ({code}), not a capture")
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased resize of one 2-D image to ``(size, size)`` float32 (Pillow bilinear, whose
+    triangle filter widens with the reduction factor; never overshoots, so [0, 1] stays)."""
+    arr = np.ascontiguousarray(img, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"resize needs a 2-D image, got shape {arr.shape}")
+    if arr.shape == (size, size):
+        return arr.copy()
+    out = Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(out, dtype=np.float32)
+
+
+def prepare_dataset(ds: Dataset, params: PreprocessParams) -> PreparedFile:
+    """`prepare` for a dataset already parsed with `load`."""
+    t0 = time.perf_counter()
+    meta = slice_meta(ds)
+    check_usable(ds, meta, params)
+    pixels = decode_pixels(ds)
+    if meta.pipeline == "hu":
+        images = windowed(ds, pixels, params.window_center, params.window_width)
+    else:
+        images = to_display(ds, pixels)
+    frames = [resize(frame, params.size) for frame in images]
+    return PreparedFile(meta, frames, preprocess_ms=(time.perf_counter() - t0) * 1000.0)
+
+
+def prepare(source: Source, params: PreprocessParams | None = None) -> PreparedFile:
+    """Read, check and preprocess every frame of one file (path or bytes)."""
+    t0 = time.perf_counter()
+    ds = load(source)
+    read_ms = (time.perf_counter() - t0) * 1000.0
+    prepared = prepare_dataset(ds, params or PreprocessParams())
+    return PreparedFile(
+        prepared.meta, prepared.frames, read_ms=read_ms, preprocess_ms=prepared.preprocess_ms
+    )
