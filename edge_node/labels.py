@@ -318,7 +318,7 @@ class LabelBook:
                     unchanged += 1
                     continue
                 try:
-                    uid, patient_key = _uid_and_key(path)
+                    uid, patient_key = slice_identity(path)
                 except InputError as exc:
                     problems.append((item, f"not a usable DICOM file ({exc.reason})"))
                     continue
@@ -387,7 +387,7 @@ class LabelBook:
             path = path if path.is_absolute() else base / path
             if not path.is_file():
                 raise LabelError("file not found")
-            file_uid, patient_key = _uid_and_key(path)
+            file_uid, patient_key = slice_identity(path)
             if uid and uid != file_uid:
                 raise LabelError("sop_instance_uid does not match the file's")
             return self.set(
@@ -405,7 +405,8 @@ def _record(row: sqlite3.Row) -> LabelRecord:
     return LabelRecord(**dict(row))
 
 
-def _uid_and_key(path: Path) -> tuple[str, str | None]:
+def slice_identity(path: Path) -> tuple[str, str | None]:
+    """(SOPInstanceUID, patient_key) from a file's header (InputError if it is not DICOM)."""
     from edge_node.preprocess import read_meta  # torch-free; imported late to keep this light
 
     meta = read_meta(path)
@@ -415,6 +416,6 @@ def _uid_and_key(path: Path) -> tuple[str, str | None]:
 def _patient_key_of(path: Path) -> str | None:
     """The patient key from the file header, or None if the file cannot be read now."""
     try:
-        return _uid_and_key(path)[1]
+        return slice_identity(path)[1]
     except (InputError, OSError):
         return None
