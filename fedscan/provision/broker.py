@@ -74,7 +74,7 @@ def write_crl(layout: Layout, state: ProvisionState, ca: CertificateAuthority) -
 
 
 def write_server_files(layout: Layout, ca: CertificateAuthority, server: Issued) -> None:
-    d = make_dir(layout.broker_dir, 0o755)
+    d = make_dir(layout.broker_dir, PRIVATE_DIR)  # holds server.key
     make_dir(d / BROKER.data, PRIVATE_DIR)
     write_bytes(d / BROKER.ca, cert_pem(ca.cert))
     write_bytes(d / BROKER.cert, cert_pem(server.cert))

@@ -195,8 +195,10 @@ class CertificateAuthority:
         return Issued(cert, key)
 
     def issue_client(self, participant: str, role: str, days: int) -> Issued:
-        """A participant's client certificate: CN = participant id = MQTT username at the
-        broker (``use_identity_as_username``); OU records the role for humans."""
+        """A participant's client certificate. CN = participant id = MQTT username at the
+        broker (``use_identity_as_username``); OU records the role for humans; the SAN URI
+        ``urn:fedscan:<role>:<id>`` makes it a complete RFC 5280 end-entity certificate (strict
+        verifiers require a SAN)."""
         key = new_key()
         subject = x509.Name(
             [
@@ -205,8 +207,11 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, participant),
             ]
         )
-        cert = self._leaf(subject, key, days, ExtendedKeyUsageOID.CLIENT_AUTH).sign(
-            self.key, hashes.SHA256()
+        san = x509.UniformResourceIdentifier(f"urn:fedscan:{role}:{participant}")
+        cert = (
+            self._leaf(subject, key, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .sign(self.key, hashes.SHA256())
         )
         return Issued(cert, key)
 
