@@ -235,6 +235,22 @@ def test_broker_certificate_names_the_broker_host(fed: Federation) -> None:
         ctx.wrap_socket(sock, server_hostname="evil.example.org")
 
 
+def test_tls12_clients_get_a_forward_secret_aead_suite(fed: Federation) -> None:
+    """A client limited to TLS 1.2 still connects (the minimum), with an ECDHE-ECDSA AEAD
+    suite from the config's cipher list."""
+    ctx = tls_context(fed.ca, fed.kit("c"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        socket.create_connection(("127.0.0.1", fed.broker.port)) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        cipher = tls.cipher()
+        assert tls.version() == "TLSv1.2" and cipher is not None
+        assert re.fullmatch(
+            r"ECDHE-ECDSA-(AES(128|256)-GCM-SHA(256|384)|CHACHA20-POLY1305)", cipher[0]
+        )
+
+
 # ------------------------------------------------------------------ who may publish where
 
 
