@@ -25,6 +25,13 @@ class PipelineStats:
         self.latency_sum_s = 0.0
         self.latency_count = 0
         self.slices = 0
+        self.batches = 0  # onnxruntime calls
+        self.batch_slices = 0  # slices over those calls (mean batch = batch_slices / batches)
+
+    def batch(self, slices: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batch_slices += slices
 
     def count(self, outcome: str, reason: str | None) -> None:
         with self._lock:
@@ -52,6 +59,8 @@ class PipelineStats:
                 latency_sum_s=self.latency_sum_s,
                 latency_count=self.latency_count,
                 slices=self.slices,
+                batches=self.batches,
+                batch_slices=self.batch_slices,
             )
 
 
@@ -63,6 +72,8 @@ class StatsSnapshot:
     latency_sum_s: float
     latency_count: int
     slices: int
+    batches: int
+    batch_slices: int
 
 
 def _esc(value: str) -> str:
@@ -126,6 +137,10 @@ def render_metrics(
     m.sample(f"{name}_count", snap.latency_count)
     m.family("fedscan_predicted_slices_total", "counter", "Slices/frames predicted.")
     m.sample("fedscan_predicted_slices_total", snap.slices)
+    m.family("fedscan_inference_batches_total", "counter", "onnxruntime calls (batches).")
+    m.sample("fedscan_inference_batches_total", snap.batches)
+    m.family("fedscan_inference_batch_slices_total", "counter", "Slices over those calls.")
+    m.sample("fedscan_inference_batch_slices_total", snap.batch_slices)
     m.family("fedscan_model_info", "gauge", "The model being served (1), by version and arch.")
     if model_version is not None:
         m.sample("fedscan_model_info", 1, {"version": model_version, "arch": model_arch or ""})

@@ -362,6 +362,7 @@ class Pipeline:
             t0 = time.perf_counter()
             pred = model.predict(images[lo:hi], None if texture is None else texture[lo:hi])
             infer_ms[lo:hi] = (time.perf_counter() - t0) * 1000.0 / len(pred)
+            self.stats.batch(len(pred))
             labels += pred.labels
             conf.append(pred.confidence)
             covid.append(pred.prob_covid)

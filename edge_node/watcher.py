@@ -57,7 +57,7 @@ class ReadyFile:
     mtime: float
     stable: bool  # size was stable over the quiet period: a parse failure is final
     detected: float  # time.monotonic() when it was handed over (latency start)
-    via: str  # "closed" | "moved" | "quiet" | "scan" | "upload"
+    via: str  # "closed" | "moved" | "quiet" | "catchup" | "upload"
 
     @property
     def signature(self) -> Signature:
@@ -88,7 +88,7 @@ class Watcher:
         self._done: dict[str, Signature] = dict(known or {})
         self._pending: dict[str, _Pending] = {}
         self._inflight: dict[str, Signature] = {}
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, str] = {}  # changed while in flight -> strongest evidence seen
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,18 +150,20 @@ class Watcher:
         with self._lock:
             self._inflight.pop(key, None)
             self._done[key] = ready.signature
-            again = key in self._dirty
-            self._dirty.discard(key)
-        if again:
-            self._consider(ready.path, "modified")
+            again = self._dirty.pop(key, None)
+        if again is not None:
+            self._consider(ready.path, again)
 
     def retry(self, ready: ReadyFile) -> None:
         """An unconfirmed file did not parse: wait for a stable size, then try once more."""
         key = str(ready.path)
         with self._lock:
             self._inflight.pop(key, None)
-            self._dirty.discard(key)
-            self._pending[key] = _Pending(ready.signature, time.monotonic())
+            again = self._dirty.pop(key, None)
+            if again is None:
+                self._pending[key] = _Pending(ready.signature, time.monotonic())
+        if again is not None:  # the writer closed it again meanwhile: try that version now
+            self._consider(ready.path, again)
         self._wake.set()
 
     def pending_count(self) -> int:
@@ -183,7 +185,11 @@ class Watcher:
         return Path(name).suffix.lower() in self._allowed
 
     def _consider(self, path: Path, via: str) -> None:
-        """React to evidence that ``path`` exists/changed. ``via``: closed|moved|modified|scan."""
+        """React to evidence that ``path`` exists/changed.
+
+        ``via``: closed | moved (complete, try at once), catchup (scan at start: old files are
+        complete), modified | scan (wait for a stable size).
+        """
         if not self.accepts(path):
             return
         try:
@@ -198,8 +204,10 @@ class Watcher:
         emit: ReadyFile | None = None
         with self._lock:
             if key in self._inflight:
-                if self._inflight[key] != sig or via in ("closed", "moved"):
-                    self._dirty.add(key)
+                if via in ("closed", "moved"):
+                    self._dirty[key] = via
+                elif self._inflight[key] != sig:
+                    self._dirty.setdefault(key, "modified")
                 return
             if self._done.get(key) == sig:
                 self._pending.pop(key, None)
@@ -207,8 +215,9 @@ class Watcher:
             if via in ("closed", "moved"):
                 self._pending.pop(key, None)
                 emit = self._take(path, sig, stable=False, via=via, now=now)
-            elif via == "scan" and time.time() - st.st_mtime >= self.config.quiet_period_s:
-                # Found by a scan and untouched for a quiet period already (catch-up at start).
+            elif via == "catchup" and time.time() - st.st_mtime >= self.config.quiet_period_s:
+                # Arrived while the node was down and untouched since: no need to watch it.
+                # (Periodic polls observe the size themselves: a share's mtime may be skewed.)
                 self._pending.pop(key, None)
                 emit = self._take(path, sig, stable=True, via=via, now=now)
             else:
@@ -251,17 +260,17 @@ class Watcher:
         for r in ready:
             self._sink(r)
 
-    def scan(self, root: Path | None = None) -> int:
+    def scan(self, root: Path | None = None, via: str = "scan") -> int:
         """Walk ``root`` (default the inbox) and consider every candidate; returns files seen."""
         n = 0
         for path in _walk(root or self.inbox):
             n += 1
-            self._consider(path, "scan")
+            self._consider(path, via)
         return n
 
     def _loop(self) -> None:
         t0 = time.monotonic()
-        n = self.scan()
+        n = self.scan(via="catchup")
         log.info(
             "catch-up scan: %d candidate files in %.0f ms (events %s)",
             n,
