@@ -108,6 +108,7 @@ class RoundsConfig:
     mu: float = 0.0  # FedProx proximal weight sent to nodes (strategy fedprox)
     min_labels: int = 8  # a node trains in a round only with this many new labels
     seed: int = 0  # base seed sent to nodes (round id is added)
+    eval_wait_s: float = 0.0  # after the last round: keep receiving eval reports this long
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.min_nodes < 1:
@@ -122,8 +123,8 @@ class RoundsConfig:
             raise ConfigError(f"rounds.train_mode must be one of {TRAIN_MODES}")
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.min_labels < 0:
             raise ConfigError("rounds: local_epochs, batch_size, lr must be positive")
-        if self.mu < 0:
-            raise ConfigError("rounds.mu must be >= 0")
+        if self.mu < 0 or self.eval_wait_s < 0:
+            raise ConfigError("rounds: mu and eval_wait_s must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ lr = 0.001
 batch_size = 16
 mu = 0.0                   # FedProx proximal term (strategy = "fedprox")
 min_labels = 8
+eval_wait_s = 0.0          # after the last round, wait this long for the final evaluations
 
 [rounds.strategy_args]
 # fedadam: eta = 0.01, beta1 = 0.9, beta2 = 0.99, tau = 0.001

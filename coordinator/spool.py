@@ -49,7 +49,8 @@ def save_tensors(
 ) -> None:
     """Atomically write a safetensors file (contiguous copies where needed)."""
     # not np.ascontiguousarray: it turns 0-d tensors (num_batches_tracked) into shape (1,)
-    data = {k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in tensors.items()}
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    data = {k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in arrays.items()}
     atomic_write_bytes(path, save(data, metadata=metadata))
 
 

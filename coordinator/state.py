@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 
 from coordinator.errors import StateError
 from coordinator.spool import load_tensors, save_tensors
@@ -221,6 +222,15 @@ class State:
     def load_checkpoint(self, version: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         return load_tensors(self.checkpoint_path(version))
 
+    def checkpoint_metadata(self, version: int) -> dict[str, str]:
+        """The safetensors metadata of global_v{version} (header only, no tensors)."""
+        path = self.checkpoint_path(version)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return dict(f.metadata() or {})
+        except (OSError, ValueError) as exc:
+            raise StateError(f"cannot read {path.name}: {exc}") from exc
+
     def load_strategy_state(self, version: int) -> dict[str, np.ndarray]:
         path = self.strategy_path(version)
         return load_tensors(path)[0] if path.exists() else {}
@@ -268,9 +278,20 @@ class State:
                 "UPDATE rounds SET deadline = ?, extended = 1 WHERE id = ?", (deadline, round_id)
             )
 
-    def close_round(self, round_id: int, outcome: str, closed_at: float) -> None:
-        """Close without a new version (no quorum)."""
+    def close_round(
+        self,
+        round_id: int,
+        outcome: str,
+        closed_at: float,
+        outliers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Close without a new version (no quorum); ``outliers`` refused in the same commit."""
         with self.transaction() as db:
+            for node, reason in (outliers or {}).items():
+                db.execute(
+                    "UPDATE updates SET accepted = 0, reason = ? WHERE round = ? AND node = ?",
+                    (reason, round_id, node),
+                )
             db.execute(
                 "UPDATE rounds SET status = 'closed', outcome = ?, closed_at = ? WHERE id = ?",
                 (outcome, closed_at, round_id),

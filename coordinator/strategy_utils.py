@@ -64,13 +64,13 @@ def integer_step(global_value: np.ndarray, max_delta: np.ndarray | None) -> np.n
         return global_value.copy()
     step = np.rint(np.asarray(max_delta, dtype=np.float64))
     out = np.maximum(np.asarray(global_value, dtype=np.float64) + step, 0)
-    return out.astype(global_value.dtype)
+    return np.asarray(out, dtype=global_value.dtype)  # 0-d stays an array, not a scalar
 
 
 def apply_delta(global_value: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """``global + delta`` in the global tensor's dtype (float tensors only)."""
     out = np.asarray(global_value, dtype=np.float64) + np.asarray(delta, dtype=np.float64)
-    return out.astype(global_value.dtype)
+    return np.asarray(out, dtype=global_value.dtype)
 
 
 def weighted_mean(deltas: list[Mapping[str, np.ndarray]], weights: list[float]) -> Weights:
@@ -130,4 +130,8 @@ def adam_update(
     m_new = beta1 * np.asarray(m, np.float64) + (1.0 - beta1) * g
     v_new = beta2 * np.asarray(v, np.float64) + (1.0 - beta2) * np.square(g)
     x_new = np.asarray(x, np.float64) - eta * m_new / (np.sqrt(v_new) + tau)
-    return x_new.astype(x.dtype), m_new.astype(np.float32), v_new.astype(np.float32)
+    return (
+        np.asarray(x_new, dtype=x.dtype),
+        np.asarray(m_new, dtype=np.float32),
+        np.asarray(v_new, dtype=np.float32),
+    )

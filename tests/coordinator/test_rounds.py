@@ -1,0 +1,293 @@
+"""Whole rounds over MemoryTransport: simulated nodes send real encoded, chunked deltas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.config import CoordinatorConfig, RoundsConfig
+from coordinator.reports import round_summaries
+from coordinator.service import CoordinatorService
+from fl_protocol import codecs, topics
+from fl_protocol.transport import MemoryBroker
+from tests.coordinator.fakes import (
+    FEDERATION,
+    HEAD_KEYS,
+    FakeClock,
+    FakeNode,
+    make_delta,
+    tiny_source,
+    tiny_weights,
+)
+
+
+def make_cfg(tmp_path: Path, **rounds: Any) -> CoordinatorConfig:
+    params: dict[str, Any] = {
+        "num_rounds": 2,
+        "min_nodes": 2,
+        "expected_nodes": ("a", "b", "c"),
+        "round_timeout_s": 60.0,
+        "chunk_timeout_s": 5.0,
+        "codec": "fp32",
+    }
+    params.update(rounds)
+    return CoordinatorConfig(
+        state_dir=tmp_path / "state", federation=FEDERATION, rounds=RoundsConfig(**params)
+    )
+
+
+class World:
+    """A memory broker, a coordinator service on a fake clock, and fake nodes."""
+
+    def __init__(self, tmp_path: Path, **rounds: Any) -> None:
+        self.broker = MemoryBroker()
+        self.clock = FakeClock()
+        self.cfg = make_cfg(tmp_path, **rounds)
+        self.nodes = {n: FakeNode(self.broker.transport(f"node-{n}"), n).connect() for n in "abcd"}
+        self.service = self.new_service()
+
+    def new_service(self, hook: Any = None) -> CoordinatorService:
+        service = CoordinatorService(
+            self.cfg,
+            self.broker.transport("coordinator"),
+            model_source=tiny_source,
+            clock=self.clock,
+            hook=hook,
+        )
+        self.service = service
+        return service
+
+    def step(self) -> None:
+        for _ in range(5):
+            self.service.step()
+
+
+def expected_fedavg(
+    base: dict[str, np.ndarray], deltas: list[tuple[dict[str, np.ndarray], int]]
+) -> dict[str, np.ndarray]:
+    total = sum(n for _, n in deltas)
+    out = {}
+    for k, v in base.items():
+        if k.endswith("num_batches_tracked"):
+            out[k] = v + max(float(d[k]) for d, _ in deltas)
+        else:
+            out[k] = v + sum(d[k] * n for d, n in deltas) / total
+    return out
+
+
+def test_two_fedavg_rounds_with_three_nodes(tmp_path: Path) -> None:
+    """Three nodes report in each of two rounds: each round closes as soon as all expected
+    nodes reported, the new version is the sample-weighted mean, old chunks are retired."""
+    w = World(tmp_path)
+    w.service.start()
+    a, b, c = (w.nodes[n] for n in "abc")
+    assert a.manifest.version == 0 and a.manifest.round is not None
+    assert a.manifest.round.round == 1 and a.manifest.round.codec == "fp32"
+    base = a.global_weights()
+    for key, value in tiny_weights().items():
+        np.testing.assert_array_equal(base[key], value)
+
+    versions = [base]
+    for round_id in (1, 2):
+        deltas = [(make_delta(round_id * 10 + i), n) for i, n in enumerate((10, 30, 60))]
+        for node, (delta, n) in zip((a, b, c), deltas, strict=True):
+            node.send_update(delta, n)
+        w.step()
+        for node in (a, b, c):
+            ack = node.last_ack(round_id)
+            assert ack is not None and ack.status == "complete"
+        assert a.manifest.version == round_id
+        got = a.global_weights()
+        want = expected_fedavg(versions[-1], deltas)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
+        versions.append(got)
+
+    assert w.service.done and a.manifest.round is None and a.manifest.version == 2
+    # v0's retained chunks were cleared when v2 went out; v1 (previous) and v2 stay
+    retained_versions = {topics.parse_topic(t).version for t in w.broker.retained if "/chunk/" in t}
+    assert retained_versions == {1, 2}
+    rounds = round_summaries(w.service.state)
+    assert [(r["round"], r["outcome"], r["version_out"]) for r in rounds] == [
+        (1, "aggregated", 1),
+        (2, "aggregated", 2),
+    ]
+    assert rounds[0]["counted"] == ["a", "b", "c"] and rounds[0]["samples"] == 100
+    assert not any(w.service.state.spool.glob("round_*/*"))  # spooled deltas removed
+
+
+def test_duplicated_reordered_and_early_chunks_count_once(tmp_path: Path) -> None:
+    """Chunks in reverse order, every chunk twice, chunks before the manifest, a manifest
+    resent after acceptance: one accepted update per node, the same result as clean sends."""
+    w = World(tmp_path, expected_nodes=(), num_rounds=1)
+    w.service.start()
+    a, b = w.nodes["a"], w.nodes["b"]
+    da, db = make_delta(1), make_delta(2)
+    n_chunks = len(codecs.encode(da, "fp32")) // 256 + 1
+    order = [i for i in reversed(range(n_chunks)) for _ in range(2)]
+    a.send_update(da, 5, order=order)
+    b.send_update(db, 7, manifest_last=True)  # every chunk arrives before the manifest
+    w.step()
+    assert a.last_ack(1).status == "complete" and b.last_ack(1).status == "complete"  # type: ignore[union-attr]
+    a.resend(1)  # e.g. the node missed the ack
+    w.step()
+    assert a.last_ack(1).status == "complete"  # type: ignore[union-attr]
+    a.send_update(make_delta(3), 5)  # a second, different update for the same round
+    w.step()
+    assert a.last_ack(1).status == "duplicate"  # type: ignore[union-attr]
+    w.clock.advance(61)
+    w.step()
+    assert a.manifest.version == 1
+    want = expected_fedavg(tiny_weights(), [(da, 5), (db, 7)])
+    got = a.global_weights()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_chunks_are_asked_for_after_the_timeout(tmp_path: Path) -> None:
+    """A node whose chunks 1 and 3 were lost gets an ack listing them, resends, is accepted."""
+    w = World(tmp_path)
+    w.service.start()
+    a = w.nodes["a"]
+    a.send_update(make_delta(1), 5, skip=(1, 3))
+    w.step()
+    assert a.last_ack(1) is None
+    w.clock.advance(5.1)
+    w.step()
+    ack = a.last_ack(1)
+    assert ack is not None and ack.status == "missing" and ack.missing == (1, 3)
+    for i in ack.missing:
+        a.send_chunk(1, i)
+    w.step()
+    assert a.last_ack(1).status == "complete"  # type: ignore[union-attr]
+
+
+def test_stale_and_refused_updates_are_acked_with_reasons(tmp_path: Path) -> None:
+    """Wrong round -> stale; unknown node, bad base version, wrong shapes, NaN, huge norm,
+    unknown codec -> rejected with the reason; none of them counts."""
+    w = World(tmp_path, expected_nodes=("a", "b", "c"))
+    w.service.start()
+    a, b, c, d = (w.nodes[n] for n in "abcd")
+    a.send_update(make_delta(1), 5, round_id=2)
+    d.send_update(make_delta(1), 5)
+    b.send_update(make_delta(1), 5, base_version=3)
+    bad_shape = make_delta(1)
+    bad_shape["head.bias"] = np.zeros(3, np.float32)
+    c.send_update(bad_shape, 5)
+    w.step()
+    assert a.last_ack(2).status == "stale"  # type: ignore[union-attr]
+    reasons = {n.node: n.last_ack(1).reason.split(":")[0] for n in (d, b, c)}  # type: ignore[union-attr]
+    assert reasons == {"d": "unknown_node", "b": "base_version", "c": "shape"}
+    assert all(n.last_ack(1).status == "rejected" for n in (d, b, c))  # type: ignore[union-attr]
+
+    c.send_update(make_delta(1, scale=100.0), 5)  # norm far above the global weights' norm
+    w.step()
+    assert c.last_ack(1).reason.startswith("norm")  # type: ignore[union-attr]
+    nan_payload = bytearray(codecs.encode(make_delta(1), "fp32"))
+    nan_payload[-4:] = np.array([np.nan], np.float32).tobytes()
+    c.send_update({}, 5, payload=bytes(nan_payload))
+    w.step()
+    assert c.last_ack(1).status == "rejected"  # type: ignore[union-attr]
+    assert c.last_ack(1).reason.startswith("codec")  # type: ignore[union-attr]  # decode refuses NaN
+
+    state = w.service.state
+    rows = {u.node: u for u in state.updates(1)}
+    assert not any(u.accepted for u in rows.values())
+    assert rows["c"].reason == "codec" and rows["d"].reason == "unknown_node"
+    # a rejected node may send a good update afterwards; it then counts
+    c.send_update(make_delta(1), 5)
+    a.send_update(make_delta(2), 5)
+    w.step()
+    assert {u.node for u in state.updates(1, accepted=True)} == {"a", "c"}
+
+
+def test_deadline_without_quorum_extends_once_then_closes_without_a_version(tmp_path: Path) -> None:
+    """One report with quorum two: the deadline is extended once (manifest republished with the
+    new deadline), then the round closes unchanged and round 2 opens on the same version."""
+    w = World(tmp_path, expected_nodes=(), num_rounds=2)
+    w.service.start()
+    a = w.nodes["a"]
+    first_deadline = a.manifest.round.deadline_ts  # type: ignore[union-attr]
+    a.send_update(make_delta(1), 5)
+    w.clock.advance(61)
+    w.step()
+    assert a.manifest.round.round == 1  # type: ignore[union-attr]
+    assert a.manifest.round.deadline_ts == first_deadline + 60  # type: ignore[union-attr]
+    w.clock.advance(60)
+    w.step()
+    assert a.manifest.round.round == 2 and a.manifest.version == 0  # type: ignore[union-attr]
+    r1 = w.service.state.round(1)
+    assert (r1.status, r1.outcome, r1.version_out, r1.extended) == (
+        "closed",
+        "no_quorum",
+        None,
+        True,
+    )
+    a.send_update(make_delta(1), 5, round_id=1)  # too late now
+    w.step()
+    assert a.last_ack(1).status == "stale"  # type: ignore[union-attr]
+
+
+def test_quorum_waits_for_the_deadline_when_no_node_list_is_given(tmp_path: Path) -> None:
+    """Without expected_nodes, quorum alone does not close the round before its deadline."""
+    w = World(tmp_path, expected_nodes=(), num_rounds=1)
+    w.service.start()
+    for i, n in enumerate("abc"):
+        w.nodes[n].send_update(make_delta(i), 5)
+    w.step()
+    assert w.service.state.round(1).status == "collecting"
+    w.clock.advance(60)
+    w.step()
+    assert w.service.state.round(1).outcome == "aggregated" and w.service.done
+
+
+def test_trainable_only_round_accepts_head_tensors_only(tmp_path: Path) -> None:
+    """A head-only round: updates carry only head tensors; the backbone stays bit-identical."""
+    w = World(tmp_path, trainable_only=True, train_mode="head", num_rounds=1)
+    w.service.start()
+    assert w.nodes["a"].manifest.round.trainable_only  # type: ignore[union-attr]
+    full = w.nodes["c"]
+    full.send_update(make_delta(9), 5)
+    for i, n in enumerate("ab"):
+        w.nodes[n].send_update(make_delta(i, keys=HEAD_KEYS), 5)
+    w.step()
+    assert full.last_ack(1).reason.startswith("unknown_keys")  # type: ignore[union-attr]
+    w.clock.advance(61)
+    w.step()
+    got = w.nodes["a"].global_weights()
+    base = tiny_weights()
+    np.testing.assert_array_equal(got["backbone.conv.weight"], base["backbone.conv.weight"])
+    assert not np.array_equal(got["head.weight"], base["head.weight"])
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "trimmed_mean"])
+def test_other_strategies_run_a_round(tmp_path: Path, strategy: str) -> None:
+    """Every registered strategy completes a round end to end; fedprox's mu reaches nodes."""
+    w = World(tmp_path, strategy=strategy, mu=0.1, num_rounds=1)
+    w.service.start()
+    assert w.nodes["a"].manifest.round.strategy == strategy  # type: ignore[union-attr]
+    if strategy == "fedprox":
+        assert w.nodes["a"].manifest.round.mu == 0.1  # type: ignore[union-attr]
+    for i, n in enumerate("abc"):
+        w.nodes[n].send_update(make_delta(i), 5)
+    w.step()
+    assert w.service.done and w.nodes["a"].manifest.version == 1
+    if strategy == "fedadam":
+        assert (w.service.state.checkpoints / "strategy_v1.safetensors").exists()
+
+
+def test_eval_reports_are_stored_and_weighted(tmp_path: Path) -> None:
+    """Per-node metrics are stored per round; the weighted summary weighs by n_val."""
+    w = World(tmp_path, num_rounds=1)
+    w.service.start()
+    w.nodes["a"].send_eval(1, 0, tn=40, fp=10, fn=0, tp=50)  # n=100, accuracy 0.9
+    w.nodes["b"].send_eval(1, 0, tn=5, fp=5, fn=5, tp=5)  # n=20, accuracy 0.5
+    w.step()
+    (summary,) = round_summaries(w.service.state)
+    assert summary["metrics"]["a"]["accuracy"] == pytest.approx(0.9)
+    assert summary["weighted"]["accuracy"] == pytest.approx((0.9 * 100 + 0.5 * 20) / 120)
+    assert summary["weighted"]["confusion"] == [[45, 15], [5, 55]]
+    assert summary["weighted"]["auc"] == pytest.approx(0.9)
