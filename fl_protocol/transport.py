@@ -66,7 +66,8 @@ class PahoTransport:
         self._handlers = HandlerTable()
         self._callbacks: list[Callable[[], None]] = []
         self._connected = threading.Event()
-        self._refused: str | None = None
+        self._refused: str | None = None  # reason of the last refused CONNACK
+        self._lost_reason: str | None = None  # reason of the last lost connection
         self._suback: dict[int, bool] = {}
         self._suback_cv = threading.Condition()
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -84,6 +85,7 @@ class PahoTransport:
         if settings.tls:
             c.tls_set_context(self._ssl_context())
         c.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
+        c.connect_timeout = settings.connect_timeout_s
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -132,6 +134,7 @@ class PahoTransport:
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self._connected.clear()
         if rc.is_failure:
+            self._lost_reason = str(rc)
             log.warning("lost connection to %s:%s (%s); reconnecting", *self._addr(), rc)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -175,8 +178,12 @@ class PahoTransport:
         return self._connected.is_set()
 
     def connect(self, wait: bool = True) -> None:
-        """Start connecting (and reconnecting for as long as we run). With ``wait``, block
-        until connected; TransportError if refused or not connected within the timeout."""
+        """Connect, then keep reconnecting with back-off for as long as we run.
+
+        With ``wait`` (the default) the first attempt is made here and TransportError says why
+        it failed (refused, unreachable, TLS, no CONNACK in time). With ``wait=False`` it
+        returns at once and keeps trying in the background (a daemon started before its
+        broker)."""
         if self._started:
             return
         self._started = True
@@ -186,9 +193,12 @@ class PahoTransport:
         self._dispatcher.start()
         s = self.settings
         try:
-            self._client.connect_async(s.host, s.port, s.keepalive)
+            if wait:  # first attempt in the foreground: refusals and TLS errors say why
+                _check_rc(self._client.connect(s.host, s.port, s.keepalive), "connect")
+            else:
+                self._client.connect_async(s.host, s.port, s.keepalive)
             _check_rc(self._client.loop_start(), "loop_start")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TransportError) as exc:
             self.disconnect()
             raise TransportError(f"cannot connect to {s.host}:{s.port}: {exc}") from None
         if not wait:
@@ -198,7 +208,9 @@ class PahoTransport:
             refused = self._refused
             if refused is not None or time.monotonic() > deadline:
                 self.disconnect()
-                why = f"refused ({refused})" if refused else f"no answer in {s.connect_timeout_s}s"
+                why = f"refused ({refused})" if refused else f"no CONNACK in {s.connect_timeout_s}s"
+                if self._lost_reason is not None:
+                    why += f" (connection lost: {self._lost_reason})"
                 raise TransportError(f"MQTT broker {s.host}:{s.port}: {why}")
 
     def disconnect(self) -> None:
