@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
     for path in iter_candidates([Path(p) for p in args.paths]):
         name = str(path)
+        if not path.is_file():
+            entries.append(_Entry(name, error="not_found: no such file"))
+            continue
         try:
             pf = prepare(path, params)
         except FileNotFoundError:

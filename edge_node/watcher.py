@@ -109,6 +109,7 @@ class Watcher:
         self._stop.set()
         self._wake.set()
         if self._observer is not None:
+            self._observer.unschedule_all()  # no late events into a stopping emitter
             self._observer.stop()
             self._observer.join(timeout=5)
         if self._thread is not None:

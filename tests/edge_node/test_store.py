@@ -14,11 +14,21 @@ from edge_node.store import FileRecord, PredictionRow, Store
 
 def _row(sop: str, frame: int = 0, label: str = "covid", version: str = "1") -> PredictionRow:
     return PredictionRow(
-        sop_instance_uid=sop, frame=frame, series_instance_uid="1.2.3", study_instance_uid="1.2",
-        patient_key="ab" * 32, path=f"/inbox/{sop}.dcm", label=label, confidence=0.9,
-        prob_covid=0.9 if label == "covid" else 0.1, model_version=version, read_ms=1.0,
-        preprocess_ms=2.0, infer_ms=3.0, total_ms=7.0,
-    )  # fmt: skip
+        sop_instance_uid=sop,
+        frame=frame,
+        series_instance_uid="1.2.3",
+        study_instance_uid="1.2",
+        patient_key="ab" * 32,
+        path=f"/inbox/{sop}.dcm",
+        label=label,
+        confidence=0.9,
+        prob_covid=0.9 if label == "covid" else 0.1,
+        model_version=version,
+        read_ms=1.0,
+        preprocess_ms=2.0,
+        infer_ms=3.0,
+        total_ms=7.0,
+    )
 
 
 def _file(sop: str, outcome: str = "predicted", n: int = 1) -> FileRecord:
@@ -33,13 +43,33 @@ def test_schema_matches_the_contract(tmp_path: Path) -> None:
         t: [r[1] for r in con.execute(f"PRAGMA table_info({t})")] for t in ("files", "predictions")
     }
     assert cols["files"] == [
-        "path", "size", "mtime", "sop_instance_uid", "outcome", "reason", "n_frames", "updated_at",
-    ]  # fmt: skip
+        "path",
+        "size",
+        "mtime",
+        "sop_instance_uid",
+        "outcome",
+        "reason",
+        "n_frames",
+        "updated_at",
+    ]
     assert cols["predictions"] == [
-        "id", "sop_instance_uid", "frame", "series_instance_uid", "study_instance_uid",
-        "patient_key", "path", "label", "confidence", "prob_covid", "model_version", "read_ms",
-        "preprocess_ms", "infer_ms", "total_ms", "created_at",
-    ]  # fmt: skip
+        "id",
+        "sop_instance_uid",
+        "frame",
+        "series_instance_uid",
+        "study_instance_uid",
+        "patient_key",
+        "path",
+        "label",
+        "confidence",
+        "prob_covid",
+        "model_version",
+        "read_ms",
+        "preprocess_ms",
+        "infer_ms",
+        "total_ms",
+        "created_at",
+    ]
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(sqlite3.IntegrityError):
         con.execute("INSERT INTO files(path, outcome) VALUES ('x', 'lost')")
@@ -86,8 +116,10 @@ def test_recent_predictions_newest_first_and_joined_with_labels(tmp_path: Path) 
     assert "human_label" not in recent[0]
     # edge_node.labels creates its table in the same file; the page shows the human label.
     con = sqlite3.connect(tmp_path / "s.sqlite")
-    con.execute("CREATE TABLE labels(sop_instance_uid TEXT PRIMARY KEY, label TEXT, path TEXT,"
-                " patient_key TEXT, who TEXT, source TEXT, at REAL)")  # fmt: skip
+    con.execute(
+        "CREATE TABLE labels(sop_instance_uid TEXT PRIMARY KEY, label TEXT, path TEXT,"
+        " patient_key TEXT, who TEXT, source TEXT, at REAL)"
+    )
     con.execute("INSERT INTO labels VALUES ('3.4', 'non_covid', NULL, NULL, 'dr', 'api', 1)")
     con.commit()
     recent = store.recent_predictions(limit=2)
