@@ -65,7 +65,7 @@ class NodeProcess:
 
     def health(self) -> dict[str, Any]:
         try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).json()  # type: ignore[no-any-return]
+            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).json()
         except httpx.HTTPError:
             return {}
 

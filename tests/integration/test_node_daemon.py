@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -80,11 +81,12 @@ def test_bad_input_is_quarantined_and_the_daemon_lives(node: NodeProcess) -> Non
     bad["README"].write_text("this is not an image\n")
     bad["empty.dcm"].write_bytes(b"")
     for path in bad.values():
-        wait_for(lambda p=path: node.outcome(p), what=f"outcome of {path.name}")
-        outcome, reason = node.outcome(path)  # type: ignore[misc]
+        outcome, reason = wait_for(partial(node.outcome, path), what=f"outcome of {path.name}")
         assert outcome == "quarantined", (path.name, reason)
         info = json.loads((node.folder / "quarantine" / f"{path.name}.reason.json").read_text())
-        assert info["reason"] in ("not_dicom", "truncated") and reason.startswith(info["reason"])
+        assert info["reason"] in ("not_dicom", "truncated") and str(reason).startswith(
+            info["reason"]
+        )
         assert path.exists()  # the inbox is never modified
     assert node.alive() and node.health()["status"] == "ok"
     good = node.inbox / "bad" / "after.dcm"
@@ -112,7 +114,8 @@ def test_partial_writes_give_exactly_one_prediction(node: NodeProcess, tmp_path:
                 time.sleep(0.3)
             f.write(data[len(data) // 2 :])
             f.close()
-        wait_for(lambda d=dst: node.outcome(d) == ("predicted", None), what=f"{mode} predicted")
+        wait_for(partial(node.outcome, dst), what=f"{mode} outcome")
+        assert node.outcome(dst) == ("predicted", None)
         assert len(node.query("SELECT id FROM predictions WHERE sop_instance_uid = ?", (uid,))) == 1
         assert not (node.folder / "quarantine" / dst.name).exists()
 
