@@ -249,3 +249,29 @@ def test_drain_finishes_everything_submitted(tmp_path: Path) -> None:
     assert h.pipeline.drain(30)
     assert h.store.count_predictions() == 20
     assert h.finished.qsize() == 20
+
+
+def test_texture_model_gets_glcm_lbp_features_of_each_frame(tmp_path: Path) -> None:
+    """fedscan.texture=glcm_lbp: the pipeline feeds edge_node.texture features of the slice."""
+    texture = pytest.importorskip("edge_node.texture")
+    from edge_node.inference import OnnxModel
+    from edge_node.preprocess import PreprocessParams, prepare
+
+    h = Harness(tmp_path)
+    try:
+        tex_model = make_classifier(
+            tmp_path / "tex.onnx", version="t1", texture_dim=texture.TEXTURE_DIM
+        )
+        h.holder.swap(tex_model)
+        src = h.inbox / "ct.dcm"
+        uid = copy_with_new_uid(sample_path("693_UNCR.dcm"), src)
+        h.submit(src)
+        h.wait()
+        (row,) = h.store.predictions_for(uid)
+        assert row["model_version"] == "t1"
+        frame = prepare(src, PreprocessParams()).frames[0]
+        feats = texture.texture_features(frame)[None]
+        expected = OnnxModel(tex_model, 1).predict(frame[None, None], feats)
+        assert row["prob_covid"] == pytest.approx(float(expected.prob_covid[0]), abs=1e-6)
+    finally:
+        h.pipeline.drain(10)
