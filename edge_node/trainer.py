@@ -214,11 +214,12 @@ def evaluate_incoming(job: TrainJob) -> tuple[Metrics | None, int]:
 
 
 def class_weights(labels: np.ndarray) -> Tensor:
-    """Inverse-frequency weights ``n / (2 * n_c)``; an absent class gets weight 1."""
+    """Inverse-frequency weights ``n / (2 * n_c)``; all 1 when a class is absent."""
     n = len(labels)
     counts = np.bincount(labels, minlength=2).astype(np.float64)
-    w = np.where(counts > 0, n / (2.0 * np.maximum(counts, 1)), 1.0)
-    return torch.tensor(w, dtype=torch.float32)
+    if np.any(counts == 0):
+        return torch.ones(2, dtype=torch.float32)
+    return torch.tensor(n / (2.0 * counts), dtype=torch.float32)
 
 
 @contextmanager
