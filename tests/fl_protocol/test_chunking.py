@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fl_protocol.chunking import Outbox, Reassembler, split
 from fl_protocol.errors import IntegrityError, SchemaError
@@ -175,3 +177,20 @@ def test_outbox_replaces_an_update_for_the_same_round(tmp_path: Path) -> None:
     box.put(m2, c2)
     (only,) = box.pending()
     assert only.manifest == m2 and only.chunk(0) == c2[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    index=st.integers(min_value=-5, max_value=10),
+    data=st.binary(max_size=1200),
+    real=st.booleans(),
+)
+def test_fuzzed_chunks_only_ever_raise_integrity_error(index: int, data: bytes, real: bool) -> None:
+    manifest, chunks = split(blob(3000, 9), chunk_size=1000)
+    r = Reassembler(manifest)
+    if real and 0 <= index < len(chunks):
+        data = chunks[index]
+    try:
+        assert r.add(index, data) is True
+    except IntegrityError:
+        assert r.missing() == [0, 1, 2]
