@@ -6,7 +6,8 @@ forwarded at QoS 1; SUBACK grants at most QoS 1), SUBSCRIBE / UNSUBSCRIBE with `
 retained messages (an empty retained payload clears), last wills, keep-alive, PINGREQ,
 DISCONNECT, and packets over 2 MiB drop the client. A client with ``clean_session=False`` keeps
 its subscriptions and gets the QoS 1 messages published while it was away (at most
-``max_queued`` per client, oldest dropped first) and its unacknowledged ones again.
+``max_queued`` per client, oldest dropped first) and its unacknowledged ones again. At most
+``MAX_INFLIGHT`` QoS 1 messages await a client's PUBACK; the rest wait in order.
 
 State (retained messages, sessions) lives in this object's memory: it survives ``stop()`` /
 ``start()`` of the same object, not the process. No TLS and no authentication: it listens on
@@ -34,6 +35,7 @@ from fl_protocol import mqtt_wire as w
 log = logging.getLogger(__name__)
 
 MAX_PACKET_SIZE = 2 * 1024 * 1024
+MAX_INFLIGHT = 1000  # QoS 1 messages sent to one client and not yet acknowledged
 _auto_ids = itertools.count(1)
 
 
@@ -54,13 +56,6 @@ class _Session:
     inflight: dict[int, _Msg] = field(default_factory=dict)  # QoS 1 sent, PUBACK pending
     queued: collections.deque[_Msg] = field(default_factory=collections.deque)
     last_pid: int = 0
-
-    def next_pid(self) -> int:
-        for _ in range(65535):
-            self.last_pid = self.last_pid % 65535 + 1
-            if self.last_pid not in self.inflight:
-                return self.last_pid
-        raise w.MalformedPacket("no free packet id")  # 65535 unacknowledged messages
 
 
 @dataclass(eq=False)
@@ -90,20 +85,25 @@ class _Core:
 
     def deliver(self, session: _Session, msg: _Msg) -> None:
         conn = session.conn
-        if conn is None:
-            if not session.clean and msg.qos > 0:
-                if len(session.queued) >= self.max_queued:
-                    session.queued.popleft()
-                    log.warning(
-                        "queue of offline client %s full: dropped oldest", session.client_id
-                    )
-                session.queued.append(msg)
-            return
-        pid = 0
-        if msg.qos > 0:
-            pid = session.next_pid()
+        if conn is not None and msg.qos == 0:
+            conn.send(w.publish(msg.topic, msg.payload, 0, msg.retain, 0, dup=False))
+        elif msg.qos > 0 and (conn is not None or not session.clean):
+            if len(session.queued) >= self.max_queued:
+                session.queued.popleft()
+                log.warning("queue of client %s full: dropped oldest", session.client_id)
+            session.queued.append(msg)
+            self.flush(session)
+
+    def flush(self, session: _Session) -> None:
+        """Send queued QoS 1 messages, in order, while fewer than MAX_INFLIGHT await PUBACK."""
+        conn = session.conn
+        while conn is not None and session.queued and len(session.inflight) < MAX_INFLIGHT:
+            msg = session.queued.popleft()
+            session.last_pid = pid = session.last_pid % 65535 + 1
+            while pid in session.inflight:
+                session.last_pid = pid = pid % 65535 + 1
             session.inflight[pid] = msg
-        conn.send(w.publish(msg.topic, msg.payload, msg.qos, msg.retain, pid, dup=False))
+            conn.send(w.publish(msg.topic, msg.payload, 1, msg.retain, pid, dup=False))
 
     def route(self, msg: _Msg) -> None:
         if msg.retain:
@@ -190,8 +190,7 @@ class _Core:
         log.info("client %s connected (session present: %s)", client_id, present)
         for pid, msg in session.inflight.items():  # unacknowledged before: resend as DUP
             conn.send(w.publish(msg.topic, msg.payload, msg.qos, msg.retain, pid, dup=True))
-        while session.queued:
-            self.deliver(session, session.queued.popleft())
+        self.flush(session)
         return c.keepalive
 
     def _detach(self, conn: _Conn, publish_will: bool) -> None:
@@ -230,6 +229,7 @@ class _Core:
                 conn.send(w.with_id(w.PUBACK, pid))
         elif pkt.type == w.PUBACK:
             session.inflight.pop(r.u16(), None)
+            self.flush(session)
         elif pkt.type == w.PUBREL:
             pid = r.u16()
             conn.qos2_ids.discard(pid)

@@ -256,3 +256,53 @@ def test_python_dash_m_entry_point() -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def _read_packet(s: socket.socket) -> tuple[int, bytes]:
+    def exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            part = s.recv(n - len(out))
+            assert part, "connection closed"
+            out += part
+        return out
+
+    first = exactly(1)[0]
+    length, mult = 0, 1
+    while True:
+        b = exactly(1)[0]
+        length += (b & 0x7F) * mult
+        mult *= 128
+        if not b & 0x80:
+            break
+    return first >> 4, exactly(length)
+
+
+def test_a_client_that_does_not_ack_gets_at_most_max_inflight(
+    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flow control: unacknowledged QoS 1 messages are capped; each PUBACK releases the next,
+    in publish order."""
+    import fl_protocol.broker as broker_module
+
+    monkeypatch.setattr(broker_module, "MAX_INFLIGHT", 3)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as s:
+        s.sendall(_connect_packet(b"slow"))
+        assert _read_packet(s) == (2, b"\x00\x00")
+        body = b"\x00\x01\x00\x03q/+\x01"
+        s.sendall(bytes([0x82, len(body)]) + body)
+        assert _read_packet(s)[0] == 9
+        pub = Raw(broker.port, "pub")
+        for i in range(5):
+            pub.c.publish(f"q/{i}", b"", qos=1).wait_for_publish(5)
+        got = [_read_packet(s) for _ in range(3)]
+        assert [body[2:5] for _, body in got] == [b"q/0", b"q/1", b"q/2"]
+        s.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            s.recv(1)  # nothing more until we acknowledge
+        s.settimeout(5)
+        pid = got[0][1][5:7]
+        s.sendall(b"\x40\x02" + pid)  # PUBACK the first
+        kind, body3 = _read_packet(s)
+        assert kind == 3 and body3[2:5] == b"q/3"
+        pub.close()
