@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_node.config import load_config
+from edge_node.errors import TrainingError
+from edge_node.labels import LabelBook
 from edge_node.train_job import MODES, TrainJob
 from edge_node.train_worker import run_subprocess
 
@@ -36,6 +38,13 @@ def _run(args: argparse.Namespace) -> int:
         export_onnx=args.onnx or None,
         resume=False if args.no_resume else None,
     )
+    with LabelBook(config.paths.database) as book:  # fail fast, before torch starts
+        book.ingest_folder(config.paths.inbox)
+        if not book.counts()["covid"] + book.counts()["non_covid"]:
+            raise TrainingError(
+                "no labelled slices yet: label some first (fedscan node label, the page, or "
+                "<inbox>/labelled/covid|non_covid/)"
+            )
     result = run_subprocess(job)
     if args.json:
         json.dump(result.to_dict(), sys.stdout)
