@@ -1,21 +1,25 @@
 """The initial global model (version 0) and the architecture facts the coordinator needs.
 
-This is the only place the coordinator touches torch, through ``export``, and only at start-up:
-it builds the model once to learn the state keys each train mode trains (for trainable-only
-rounds) and, when the state has no version yet, to take version 0's weights from it (random
-init with ``model.seed``, timm hub, or a local pretrained file). Everything afterwards is numpy.
+This is the only place the coordinator touches torch, through ``export``, and only at the first
+start: it builds the model once to take version 0's weights (random init with ``model.seed``,
+timm hub, or a local pretrained file) and to learn the state keys each train mode trains (for
+trainable-only rounds). Those facts are saved as ``state_dir/model.json``, so a restart (after
+a crash, say) needs no torch and resumes in well under a second. Everything else is numpy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from coordinator.config import ModelConfig
 from coordinator.errors import ConfigError
 from coordinator.rounds import ModelInfo
+from coordinator.spool import atomic_write_bytes
 from coordinator.state import State
 
 log = logging.getLogger(__name__)
@@ -44,14 +48,46 @@ def torch_model_source(
     return info, weights
 
 
+def _info_path(state: State) -> Path:
+    return state.dir / "model.json"
+
+
+def save_model_info(state: State, info: ModelInfo) -> None:
+    doc = {
+        "arch": info.arch,
+        "texture_dim": info.texture_dim,
+        "init": info.init,
+        "trainable_keys": {m: sorted(keys) for m, keys in info.trainable_keys.items()},
+    }
+    atomic_write_bytes(_info_path(state), json.dumps(doc, indent=1).encode())
+
+
+def load_model_info(state: State) -> ModelInfo | None:
+    """The facts saved with version 0 (None if absent or unreadable: ask torch again)."""
+    try:
+        doc = json.loads(_info_path(state).read_text())
+        return ModelInfo(
+            arch=str(doc["arch"]),
+            texture_dim=int(doc["texture_dim"]),
+            init=str(doc["init"]),
+            trainable_keys={m: frozenset(k) for m, k in doc["trainable_keys"].items()},
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def ensure_initial_version(state: State, cfg: ModelConfig, source: ModelSource) -> ModelInfo:
-    """Create global version 0 if the state has none; check the state matches ``cfg``."""
+    """Create global version 0 if the state has none; check the state matches ``cfg``.
+
+    The architecture facts are saved next to the state (``model.json``), so a restart does
+    not need torch at all."""
     latest = state.latest_version()
-    info, weights = source(cfg, latest is None)
     if latest is None:
+        info, weights = source(cfg, True)
         if weights is None:
             raise ConfigError("model source returned no weights for version 0")
         sha = state.write_checkpoint(0, weights, info.metadata())
+        save_model_info(state, info)
         state.add_version(0, sha)
         log.info("global v0 created: %s (init %s, %d tensors)", info.arch, info.init, len(weights))
         return info
@@ -61,11 +97,16 @@ def ensure_initial_version(state: State, cfg: ModelConfig, source: ModelSource) 
             f"state_dir holds a {meta.get('arch')} (texture_dim {meta.get('texture_dim')}) "
             f"federation, the config asks for {cfg.arch} (texture_dim {cfg.texture_dim})"
         )
+    saved = load_model_info(state)
+    if saved is not None:
+        return saved
+    info, _ = source(cfg, False)
     # the init recorded in version 0 wins (a restart must not rename it)
-    v0_meta = state.checkpoint_metadata(0) if latest.version else meta
-    return ModelInfo(
+    info = ModelInfo(
         arch=info.arch,
         texture_dim=info.texture_dim,
-        init=v0_meta.get("init", info.init),
+        init=state.checkpoint_metadata(0).get("init", info.init),
         trainable_keys=info.trainable_keys,
     )
+    save_model_info(state, info)
+    return info

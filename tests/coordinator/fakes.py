@@ -208,3 +208,84 @@ class FakeNode:
             confusion=((tn, fp), (fn, tp)),
         )
         self.t.publish(topics.eval_report(self.federation, round_id, self.node), report.to_bytes())
+
+
+class NodeThread(threading.Thread):
+    """A simulated node on a real broker (PahoTransport): for every open round it fetches the
+    global model, sends a small random delta of the right shapes, and resends its update until
+    acknowledged; it stops once it sees ``final_version`` with no round open."""
+
+    def __init__(
+        self,
+        node: FakeNode,
+        num_samples: int,
+        final_version: int,
+        *,
+        codec: str = "fp16",
+        chunk_size: int = 16 * 1024,
+        resend_after_s: float = 3.0,
+    ) -> None:
+        super().__init__(name=f"node-{node.node}", daemon=True)
+        self.node = node
+        self.num_samples = num_samples
+        self.final_version = final_version
+        self.codec = codec
+        self.chunk_size = chunk_size
+        self.resend_after_s = resend_after_s
+        self.stop = threading.Event()
+        self.finished = threading.Event()
+        self.sent: dict[int, dict[str, np.ndarray]] = {}
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def _loop(self) -> None:
+        import time
+
+        last_send: dict[int, float] = {}
+        while not self.stop.is_set():
+            time.sleep(0.05)
+            if not self.node.manifests:
+                continue
+            m = self.node.manifest
+            if m.round is None:
+                if m.version >= self.final_version:
+                    self.finished.set()
+                    return
+                continue
+            rnd = m.round.round
+            ack = self.node.last_ack(rnd)
+            if ack is not None and ack.status in ("complete", "duplicate", "stale", "rejected"):
+                continue
+            if rnd not in self.node.pending:
+                try:
+                    weights = self.node.global_weights()
+                except KeyError:
+                    continue  # chunks still arriving
+                rng = np.random.default_rng(abs(hash((self.node.node, rnd))) % 2**32)
+                delta = {
+                    k: (
+                        np.array(3.0, np.float32)
+                        if k.endswith("num_batches_tracked")
+                        else (0.001 * rng.normal(size=v.shape)).astype(np.float32)
+                    )
+                    for k, v in weights.items()
+                }
+                self.sent[rnd] = delta
+                self.node.send_update(
+                    delta, self.num_samples, codec=self.codec, chunk_size=self.chunk_size
+                )
+                last_send[rnd] = time.monotonic()
+            elif ack is not None and ack.status == "missing":
+                for i in ack.missing:
+                    self.node.send_chunk(rnd, i)
+                last_send[rnd] = time.monotonic()
+                with self.node._lock:
+                    self.node.acks.remove(ack)
+            elif time.monotonic() - last_send.get(rnd, 0.0) > self.resend_after_s:
+                self.node.resend(rnd)  # no answer: the coordinator may have restarted
+                last_send[rnd] = time.monotonic()

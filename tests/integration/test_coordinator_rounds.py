@@ -1,0 +1,248 @@
+"""The coordinator as a real `fedscan coordinator run` subprocess with simulated nodes (threads
+on PahoTransport) completing rounds through a real broker: the embedded one, and Mosquitto with
+a SIGKILL of the coordinator mid-round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.config import load_config
+from coordinator.model_init import ensure_initial_version
+from coordinator.service import read_broker_port
+from coordinator.state import State
+from fl_protocol.transport import MqttSettings, PahoTransport
+from tests.coordinator.fakes import FakeNode, NodeThread, tiny_source
+from tests.integration.mosquitto import Mosquitto
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+FEDERATION = "itest"
+
+
+def write_config(tmp_path: Path, broker_url: str | None, **rounds: Any) -> Path:
+    broker = f'url = "{broker_url}"' if broker_url else "embedded_port = 0"
+    params = {
+        "num_rounds": 2,
+        "min_nodes": 2,
+        "expected_nodes": ["a", "b", "c"],
+        "round_timeout_s": 120.0,
+        "chunk_timeout_s": 2.0,
+        "codec": "fp16",
+    }
+    params.update(rounds)
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
+    path = tmp_path / "coordinator.toml"
+    path.write_text(
+        f'federation = "{FEDERATION}"\nstate_dir = "state"\n[broker]\n{broker}\n'
+        f'[model]\narch = "cnn2d"\n[rounds]\n{lines}\n'
+    )
+    return path
+
+
+def start_coordinator(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedscan.cli", "coordinator", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def wait_for(
+    predicate: Any,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def make_nodes(port: int, names: str, samples: dict[str, int]) -> dict[str, NodeThread]:
+    out = {}
+    for name in names:
+        transport = PahoTransport(
+            MqttSettings(host="127.0.0.1", port=port, client_id=f"node-{name}")
+        )
+        node = FakeNode(transport, name, FEDERATION)
+        out[name] = NodeThread(node, samples[name], final_version=2)
+    return out
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedscan.cli",
+            "coordinator",
+            "status",
+            "--config",
+            str(config),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def accepted(state_dir: Path, round_id: int) -> int:
+    if not (state_dir / "coordinator.sqlite").exists():
+        return 0
+    state = State(state_dir, readonly=True)
+    try:
+        return len(state.updates(round_id, accepted=True))
+    finally:
+        state.close()
+
+
+def stop_all(threads: dict[str, NodeThread]) -> None:
+    for t in threads.values():
+        t.stop.set()
+    for t in threads.values():
+        t.join(10)
+        t.node.t.disconnect()
+
+
+def check_two_rounds(config: Path, threads: dict[str, NodeThread]) -> None:
+    doc = status_json(config)
+    assert doc["global_version"] == 2
+    rounds = doc["rounds"]
+    assert [(r["round"], r["outcome"], r["version_out"]) for r in rounds] == [
+        (1, "aggregated", 1),
+        (2, "aggregated", 2),
+    ]
+    for r in rounds:
+        assert r["counted"] == ["a", "b", "c"] and r["rejected"] == {}
+    for t in threads.values():
+        assert not t.errors, t.errors
+        m = t.node.manifest
+        assert (m.version, m.round) == (2, None)
+    # every node reassembles the very bytes the coordinator checkpointed as v2
+    state = State(config.parent / "state", readonly=True)
+    try:
+        sha = {v.version: v.sha256 for v in state.versions()}[2]
+    finally:
+        state.close()
+    assert threads["a"].node.manifest.payload.sha256 == sha
+
+
+def seed_state(config: Path) -> Path:
+    """Version 0 made in-process from numpy (tiny cnn2d-like state), so the subprocess needs
+    no torch and starts in a second; test_cli_run_from_scratch covers the torch start."""
+    cfg = load_config(config)
+    state = State(cfg.state_dir)
+    ensure_initial_version(state, cfg.model, tiny_source)
+    state.close()
+    return cfg.state_dir
+
+
+def run_two_rounds(config: Path, tmp_path: Path, port: int | None, timeout: float) -> None:
+    log = tmp_path / "coordinator.log"
+    state_dir = config.parent / "state"
+    proc = start_coordinator(config, log)
+    threads: dict[str, NodeThread] = {}
+    try:
+        if port is None:  # embedded broker: its port appears once it listens
+            wait_for(lambda: read_broker_port(state_dir) is not None, timeout, "broker", proc, log)
+            port = read_broker_port(state_dir)
+        assert port is not None
+        threads = make_nodes(port, "abc", {"a": 10, "b": 20, "c": 30})
+        for t in threads.values():
+            t.node.connect()
+            t.start()
+        done = lambda: all(t.finished.is_set() for t in threads.values())  # noqa: E731
+        wait_for(done, timeout, "two rounds", proc, log)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stop_all(threads)
+    check_two_rounds(config, threads)
+
+
+def test_two_rounds_on_the_embedded_broker(tmp_path: Path) -> None:
+    """No broker configured: the coordinator starts the embedded broker on loopback and three
+    nodes complete two rounds through it."""
+    config = write_config(tmp_path, None)
+    seed_state(config)
+    run_two_rounds(config, tmp_path, None, 60)
+
+
+def test_two_rounds_on_mosquitto(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The same two rounds through a real Mosquitto."""
+    config = write_config(tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}")
+    seed_state(config)
+    run_two_rounds(config, tmp_path, mosquitto.port, 60)
+
+
+@pytest.mark.slow
+def test_cli_run_from_scratch_builds_version_0_with_torch(tmp_path: Path) -> None:
+    """`fedscan coordinator run` on an empty state_dir builds cnn2d's version 0 with torch
+    (tens of seconds on a loaded machine, hence slow), then runs two rounds."""
+    config = write_config(tmp_path, None)
+    run_two_rounds(config, tmp_path, None, 240)
+    assert (tmp_path / "state" / "model.json").exists()
+    meta = State(tmp_path / "state", readonly=True).checkpoint_metadata(0)
+    assert (meta["arch"], meta["init"], meta["format"]) == ("cnn2d", "random", "fedscan.weights/1")
+
+
+def test_coordinator_killed_mid_round_resumes_on_mosquitto(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """SIGKILL after two of three updates are recorded; the third node sends while the
+    coordinator is down (Mosquitto queues it for the coordinator's persistent session); the
+    restarted coordinator resumes round 1, counts every node once, and finishes round 2."""
+    config = write_config(tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}")
+    cfg = load_config(config)
+    seed_state(config)
+    log = tmp_path / "coordinator.log"
+    threads = make_nodes(mosquitto.port, "abc", {"a": 10, "b": 20, "c": 30})
+    proc = start_coordinator(config, log)
+    try:
+        for name in "ab":
+            threads[name].node.connect()
+            threads[name].start()
+        wait_for(lambda: accepted(cfg.state_dir, 1) >= 2, 60, "two updates", proc, log)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert State(cfg.state_dir, readonly=True).round(1).status == "collecting"
+        threads["c"].node.connect()
+        threads["c"].start()
+        wait_for(lambda: 1 in threads["c"].node.pending, 30, "node c to send its update")
+        proc = start_coordinator(config, log)
+        wait_for(
+            lambda: all(t.finished.is_set() for t in threads.values()), 90, "two rounds", proc, log
+        )
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stop_all(threads)
+    check_two_rounds(config, threads)
