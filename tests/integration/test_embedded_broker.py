@@ -306,3 +306,28 @@ def test_a_client_that_does_not_ack_gets_at_most_max_inflight(
         kind, body3 = _read_packet(s)
         assert kind == 3 and body3[2:5] == b"q/3"
         pub.close()
+
+
+def test_connect_can_be_retried_until_the_broker_appears() -> None:
+    """A daemon retrying connect() after TransportError gets through once the broker is up,
+    with the handlers it registered before the first attempt."""
+    from fl_protocol.errors import TransportError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = client(port, "retrier", connect_timeout_s=1.0)
+    inbox = Inbox()
+    t.subscribe("fl/d/global/current", inbox)
+    with pytest.raises(TransportError):
+        t.connect()
+    with EmbeddedBroker(port=port) as b:
+        t.connect()
+        try:
+            other = client(b.port, "coord")
+            other.connect()
+            other.publish("fl/d/global/current", b"m", retain=True)
+            assert inbox.wait_for(lambda ms: len(ms) == 1)
+            other.disconnect()
+        finally:
+            t.disconnect()
