@@ -146,6 +146,8 @@ class CoordinatorConfig:
     state_dir: Path  # SQLite state, spool, checkpoints
     federation: str = "demo"  # federation id (topic prefix fl/<federation>/...)
     signing_key: Path | None = None  # Ed25519 private key signing global manifests
+    node_keys_dir: Path | None = None  # <node>.pub trusted keys: if set, updates must be signed
+    revoked_file: Path | None = None  # revoked.json from provisioning: refused nodes / keys
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
@@ -155,6 +157,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if not self.federation or not all(c.isalnum() or c in "-_" for c in self.federation):
             raise ConfigError("federation must be non-empty and use only letters, digits, - and _")
+        if self.revoked_file is not None and self.node_keys_dir is None:
+            raise ConfigError("revoked_file needs node_keys_dir (signed updates)")
 
     @property
     def database(self) -> Path:
@@ -178,7 +182,7 @@ _SECTIONS: dict[str, type] = {
     "rounds": RoundsConfig,
     "validation": ValidationConfig,
 }
-_TOP_LEVEL = ("federation", "state_dir", "signing_key")
+_TOP_LEVEL = ("federation", "state_dir", "signing_key", "node_keys_dir", "revoked_file")
 
 
 def _resolve(value: Any, base: Path) -> Path:
@@ -223,8 +227,9 @@ def config_from_dict(
     top: dict[str, Any] = {"state_dir": _resolve(raw["state_dir"], base)}
     if "federation" in raw:
         top["federation"] = raw["federation"]
-    if raw.get("signing_key"):
-        top["signing_key"] = _resolve(raw["signing_key"], base)
+    for key in ("signing_key", "node_keys_dir", "revoked_file"):
+        if raw.get(key):
+            top[key] = _resolve(raw[key], base)
     sections: dict[str, Any] = {
         name: _coerce(cls, dict(raw[name]), base, name)
         for name, cls in _SECTIONS.items()
@@ -256,7 +261,9 @@ def default_toml(federation: str = "demo") -> str:
     return f'''# fedscan coordinator configuration. Paths are relative to this file.
 federation = "{federation}"   # topic prefix fl/<federation>/...
 state_dir = "state"          # SQLite state, update spool, global checkpoints
-# signing_key = "keys/coordinator.ed25519"   # Ed25519 key signing global manifests
+# signing_key = "keys/signing.key"        # Ed25519 key signing global manifests
+# node_keys_dir = "keys/nodes"             # trusted <node>.pub: updates must be signed
+# revoked_file = "keys/revoked.json"       # nodes / keys whose updates are refused
 
 [broker]
 # No url: start the embedded MQTT broker on loopback (single machine, no system packages).

@@ -29,6 +29,7 @@ from coordinator.reports import store_eval_report
 from coordinator.rounds import RoundMachine
 from coordinator.state import State
 from coordinator.strategy import Strategy, create_strategy
+from coordinator.trust import NodeKeys
 from fl_protocol import topics
 from fl_protocol.errors import SchemaError, TransportError
 from fl_protocol.schemas import GlobalManifest
@@ -120,8 +121,11 @@ class CoordinatorService:
             ModelIdentity(self.model.arch, self.model.texture_dim),
             build_signer(cfg),
         )
+        verify = None
+        if cfg.node_keys_dir is not None:
+            verify = NodeKeys(cfg.node_keys_dir, cfg.revoked_file).verify
         self.machine = RoundMachine(
-            cfg, self.state, self.strategy, self.publisher, self.model, clock, hook
+            cfg, self.state, self.strategy, self.publisher, self.model, clock, hook, verify
         )
         self.receiver = Receiver(
             transport,

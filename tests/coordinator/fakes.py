@@ -9,7 +9,7 @@ misbehave on purpose (drop, duplicate or reorder chunks). No training: deltas ar
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +98,7 @@ class FakeNode:
         self.pending: dict[int, Pending] = {}
         self._chunks: dict[tuple[int, int], bytes] = {}
         self._lock = threading.Lock()
+        self.signer: Callable[[UpdateManifest], UpdateManifest] | None = None
         self.t.subscribe(topics.global_filter(federation), self._on_global)
         self.t.subscribe(topics.acks_filter(federation, node_id), self._on_ack)
 
@@ -167,6 +168,8 @@ class FakeNode:
             num_samples=num_samples,
             payload=payload_manifest,
         )
+        if self.signer is not None:
+            manifest = self.signer(manifest)
         self.pending[rnd] = Pending(manifest, chunks)
         indices = list(order) if order is not None else list(range(len(chunks)))
         if not manifest_last:
