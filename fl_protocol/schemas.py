@@ -24,6 +24,7 @@ import re
 import secrets
 import time
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, Union, get_args, get_origin, get_type_hints
 
@@ -110,14 +111,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str) or len(value) > MAX_STR:
             raise SchemaError(f"{where}: expected a string of at most {MAX_STR} characters")
         return value
-    if origin is tuple:
+    if origin is Sequence:  # stored as a tuple; lists are accepted
         if not isinstance(value, list | tuple) or len(value) > MAX_ITEMS:
             raise SchemaError(f"{where}: expected a list of at most {MAX_ITEMS} items")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[]") for v in value)
-        if len(value) != len(args):
-            raise SchemaError(f"{where}: expected exactly {len(args)} items")
-        return tuple(_coerce(v, a, f"{where}[]") for v, a in zip(value, args, strict=True))
+        return tuple(_coerce(v, args[0], f"{where}[]") for v in value)
     if origin is dict:
         if not isinstance(value, dict) or len(value) > MAX_MAP_ITEMS:
             raise SchemaError(f"{where}: expected an object of at most {MAX_MAP_ITEMS} entries")
@@ -239,7 +236,7 @@ class PayloadManifest(Message):
     total_size: int  # bytes of the whole payload
     sha256: str  # hex digest of the whole payload
     chunk_size: int  # bytes per chunk (the last one may be shorter), <= 1 MiB
-    chunk_sha256: tuple[str, ...]  # hex digest of each chunk, in order
+    chunk_sha256: Sequence[str]  # hex digest of each chunk, in order (a tuple)
 
     def _validate(self) -> None:
         check_sha256(self.sha256)
@@ -354,7 +351,7 @@ class Ack(Message):
     round: int
     node: str
     status: str  # complete | missing | stale | rejected | duplicate
-    missing: tuple[int, ...] = ()  # chunk indices to resend (status "missing")
+    missing: Sequence[int] = ()  # chunk indices to resend (status "missing"), a tuple
     reason: str = ""  # short human-readable cause for stale / rejected
 
     def _validate(self) -> None:
@@ -373,7 +370,7 @@ class NodeStatus(Message):
     node: str
     state: str  # online | offline
     model_version: int | None = None  # global version served, None if none yet
-    capabilities: tuple[str, ...] = ()  # e.g. "train", "eval"
+    capabilities: Sequence[str] = ()  # e.g. "train", "eval" (a tuple)
     ts: float = field(default_factory=time.time)
 
     def _validate(self) -> None:
@@ -400,9 +397,11 @@ class EvalReport(Message):
     model_version: int
     n_val: int
     metrics: dict[str, float]
-    confusion: tuple[tuple[int, int], tuple[int, int]]
+    confusion: Sequence[Sequence[int]]  # ((tn, fp), (fn, tp))
 
     def _validate(self) -> None:
         check_id(self.node, "node")
+        if len(self.confusion) != 2 or any(len(row) != 2 for row in self.confusion):
+            raise SchemaError("eval_report.confusion must be [[tn, fp], [fn, tp]]")
         if sum(self.confusion[0]) + sum(self.confusion[1]) != self.n_val:
             raise SchemaError("eval_report: confusion matrix does not sum to n_val")

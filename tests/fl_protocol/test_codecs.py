@@ -104,7 +104,7 @@ def test_encode_refuses_bad_tensors() -> None:
 
 
 def test_zero_and_scalar_and_empty_tensors() -> None:
-    d = {
+    d: dict[str, np.ndarray] = {
         "z": np.zeros((4, 3), np.float32),
         "s": np.asarray(np.float32(2.5)),
         "e": np.zeros((0, 3), np.float32),

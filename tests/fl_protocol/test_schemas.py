@@ -201,7 +201,9 @@ def test_floats_accept_json_integers() -> None:
 
 def test_replace_revalidates() -> None:
     with pytest.raises(SchemaError):
-        dataclasses.replace(samples()[4], node="../x")
+        update = samples()[4]
+        assert isinstance(update, UpdateManifest)
+        dataclasses.replace(update, node="../x")
 
 
 _json = st.recursive(

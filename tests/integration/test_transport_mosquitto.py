@@ -95,23 +95,17 @@ def test_paho_transport_over_tls_with_client_certificates(tmp_path: Path) -> Non
         "require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.2\n"
     )
 
-    def tls_client(who: str | None, timeout: float = 10.0, **kw: object) -> PahoTransport:
-        certs = (
-            {}
-            if who is None
-            else {
-                "cert_file": str(tmp_path / f"{who}.crt"),
-                "key_file": str(tmp_path / f"{who}.key"),
-            }
-        )
+    def tls_client(who: str | None, timeout: float = 10.0) -> PahoTransport:
+        cert = None if who is None else str(tmp_path / f"{who}.crt")
+        key = None if who is None else str(tmp_path / f"{who}.key")
         return PahoTransport(
             MqttSettings(
                 port=broker.port,
                 client_id=f"tls-{who}",
                 ca_file=str(tmp_path / "fed-ca.crt"),
+                cert_file=cert,
+                key_file=key,
                 connect_timeout_s=timeout,
-                **certs,
-                **kw,  # type: ignore[arg-type]
             )
         )
 
