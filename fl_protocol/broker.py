@@ -7,7 +7,7 @@ retained messages (an empty retained payload clears), last wills, keep-alive, PI
 DISCONNECT, and packets over 2 MiB drop the client. A client with ``clean_session=False`` keeps
 its subscriptions and gets the QoS 1 messages published while it was away (at most
 ``max_queued`` per client, oldest dropped first) and its unacknowledged ones again. At most
-``MAX_INFLIGHT`` QoS 1 messages await a client's PUBACK; the rest wait in order.
+``max_inflight`` (20) QoS 1 messages await a client's PUBACK; the rest wait in order.
 
 State (retained messages, sessions) lives in this object's memory: it survives ``stop()`` /
 ``start()`` of the same object, not the process. No TLS and no authentication: it listens on
@@ -35,7 +35,7 @@ from fl_protocol import mqtt_wire as w
 log = logging.getLogger(__name__)
 
 MAX_PACKET_SIZE = 2 * 1024 * 1024
-MAX_INFLIGHT = 1000  # QoS 1 messages sent to one client and not yet acknowledged
+MAX_INFLIGHT = 20  # default QoS 1 messages sent to one client and not yet acknowledged
 _auto_ids = itertools.count(1)
 
 
@@ -73,9 +73,10 @@ class _Conn:
 class _Core:
     """Broker state; touched only from the event loop thread."""
 
-    def __init__(self, max_packet_size: int, max_queued: int) -> None:
+    def __init__(self, max_packet_size: int, max_queued: int, max_inflight: int) -> None:
         self.max_packet_size = max_packet_size
         self.max_queued = max_queued
+        self.max_inflight = max_inflight
         self.sessions: dict[str, _Session] = {}
         self.retained: dict[str, _Msg] = {}
         self.conns: set[_Conn] = set()
@@ -95,9 +96,12 @@ class _Core:
             self.flush(session)
 
     def flush(self, session: _Session) -> None:
-        """Send queued QoS 1 messages, in order, while fewer than MAX_INFLIGHT await PUBACK."""
+        """Send queued QoS 1 messages, in order, while fewer than max_inflight await PUBACK.
+
+        Waiting messages share the published payload (no copy per subscriber), so a slow
+        client costs at most max_inflight encoded chunks of memory, not a whole model."""
         conn = session.conn
-        while conn is not None and session.queued and len(session.inflight) < MAX_INFLIGHT:
+        while conn is not None and session.queued and len(session.inflight) < self.max_inflight:
             msg = session.queued.popleft()
             session.last_pid = pid = session.last_pid % 65535 + 1
             while pid in session.inflight:
@@ -287,10 +291,11 @@ class EmbeddedBroker:
         port: int = 0,
         max_packet_size: int = MAX_PACKET_SIZE,
         max_queued: int = 10_000,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         self.host = host
         self.port = port  # the bound port after start(); start() again reuses it
-        self._core = _Core(max_packet_size, max_queued)
+        self._core = _Core(max_packet_size, max_queued, max_inflight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()

@@ -278,15 +278,13 @@ def _read_packet(s: socket.socket) -> tuple[int, bytes]:
     return first >> 4, exactly(length)
 
 
-def test_a_client_that_does_not_ack_gets_at_most_max_inflight(
-    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_client_that_does_not_ack_gets_at_most_max_inflight() -> None:
     """Flow control: unacknowledged QoS 1 messages are capped; each PUBACK releases the next,
     in publish order."""
-    import fl_protocol.broker as broker_module
-
-    monkeypatch.setattr(broker_module, "MAX_INFLIGHT", 3)
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as s:
+    with (
+        EmbeddedBroker(max_inflight=3) as broker,
+        socket.create_connection(("127.0.0.1", broker.port), timeout=5) as s,
+    ):
         s.sendall(_connect_packet(b"slow"))
         assert _read_packet(s) == (2, b"\x00\x00")
         body = b"\x00\x01\x00\x03q/+\x01"
