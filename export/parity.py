@@ -59,7 +59,7 @@ def parity_check(
         raise ParityError(f"{model.arch}: ONNX logits shape {got.shape}, torch {expected.shape}")
     diff = float(np.max(np.abs(got - expected)))
     limit = atol + rtol * float(np.max(np.abs(expected)))
-    log.info("parity %s batch %d: max abs logit diff %.3g", model.arch, len(x), diff)
+    log.debug("parity %s batch %d: max abs logit diff %.3g", model.arch, len(x), diff)
     if not np.isfinite(diff) or diff > limit:
         raise ParityError(
             f"{model.arch}: ONNX vs torch max abs logit diff {diff:.3g} > {limit:.3g} "

@@ -11,8 +11,11 @@ quantise unless asked, and the benchmark reports both. The fedscan metadata is c
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +57,18 @@ class SliceReader(CalibrationDataReader):
         self._next = 0
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs one INFO line per tensor on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_onnx(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -69,7 +84,7 @@ def quantize_onnx(
         raise ExportError("static quantisation needs calibration slices")
     if mode not in ("dynamic", "static"):
         raise ExportError(f"unknown quantisation mode {mode!r}; choose dynamic or static")
-    with tempfile.TemporaryDirectory(prefix="fedscan-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedscan-quant-") as tmp, _quiet_root_logger():
         prepped = Path(tmp) / "prepped.onnx"
         raw = Path(tmp) / "int8.onnx"
         quant_pre_process(str(source), str(prepped), skip_symbolic_shape=True)
