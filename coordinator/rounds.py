@@ -30,7 +30,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.errors import StateError, UpdateRejected
 from coordinator.publisher import Publisher
 from coordinator.receiver import Receiver
-from coordinator.spool import save_tensors
+from coordinator.spool import atomic_write_bytes
 from coordinator.state import RoundRow, State, UpdateRow
 from coordinator.strategy import Strategy
 from coordinator.validate import ModelSpec, check_node, check_num_samples, check_round
@@ -278,9 +278,9 @@ class RoundMachine:
             )
         except UpdateRejected as exc:
             return self._reject(rnd.id, manifest, exc)
-        path = self.state.spool_path(rnd.id, manifest.node)
-        save_tensors(path, delta)
         del delta
+        path = self.state.spool_path(rnd.id, manifest.node)
+        atomic_write_bytes(path, payload)  # verified wire bytes: decoded again to aggregate
         self.hook("update_spooled")
         self.state.record_update(
             UpdateRow(

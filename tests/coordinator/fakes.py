@@ -148,7 +148,7 @@ class FakeNode:
         *,
         round_id: int | None = None,
         base_version: int | None = None,
-        codec: str = "fp32",
+        codec: str | None = None,  # None: what the round config asks for
         chunk_size: int = 256,
         payload: bytes | None = None,
         skip: Sequence[int] = (),
@@ -157,6 +157,7 @@ class FakeNode:
     ) -> UpdateManifest:
         m = self.manifest
         rnd = round_id if round_id is not None else (m.round.round if m.round else 0)
+        codec = codec or (m.round.codec if m.round else "fp32")
         data = payload if payload is not None else codecs.encode(delta, codec)
         payload_manifest, chunks = split(data, chunk_size)
         manifest = UpdateManifest(

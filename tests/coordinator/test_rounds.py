@@ -265,8 +265,9 @@ def test_trainable_only_round_accepts_head_tensors_only(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "trimmed_mean"])
 def test_other_strategies_run_a_round(tmp_path: Path, strategy: str) -> None:
-    """Every registered strategy completes a round end to end; fedprox's mu reaches nodes."""
-    w = World(tmp_path, strategy=strategy, mu=0.1, num_rounds=1)
+    """Every registered strategy completes a round end to end on int8 updates (spooled
+    encoded, decoded tensor by tensor for the trimmed mean); fedprox's mu reaches nodes."""
+    w = World(tmp_path, strategy=strategy, mu=0.1, num_rounds=1, codec="int8_channel")
     w.service.start()
     assert w.nodes["a"].manifest.round.strategy == strategy  # type: ignore[union-attr]
     if strategy == "fedprox":
