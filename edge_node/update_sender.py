@@ -38,7 +38,7 @@ from edge_node.errors import TrainingError
 from edge_node.model_sync import federation_dir, write_atomic
 from edge_node.train_job import TrainResult
 from fl_protocol import topics
-from fl_protocol.chunking import Outbox, PendingUpdate, split
+from fl_protocol.chunking import DEFAULT_CHUNK_SIZE, Outbox, PendingUpdate, split
 from fl_protocol.codecs import encode
 from fl_protocol.errors import TransportError
 from fl_protocol.metrics import Metrics
@@ -112,8 +112,10 @@ class UpdateSender:
         *,
         clock: Callable[[], float] = time.time,
         ack_timeout_s: float = ACK_TIMEOUT_S,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.config = config
+        self.chunk_size = chunk_size
         self.node = config.node_id
         self.federation = config.federation.federation
         self.transport = transport
@@ -169,7 +171,7 @@ class UpdateSender:
         keys = result.trainable_keys if rc.trainable_only else None
         delta = compute_delta(local, base, keys)
         codec = rc.codec or self.config.federation.codec
-        payload_manifest, chunks = split(encode(delta, codec))
+        payload_manifest, chunks = split(encode(delta, codec), self.chunk_size)
         train_metrics = metric_values(result.train_metrics)
         train_metrics["epochs"] = float(result.epochs_run)
         if result.val_metrics is not None:
@@ -198,16 +200,17 @@ class UpdateSender:
     # -- publish ---------------------------------------------------------------------------
 
     def send(self, pending: PendingUpdate, indices: Iterable[int] | None = None) -> bool:
-        """Publish the manifest then the chunks (all, or ``indices``); False if the broker
-        could not take them (the update stays in the outbox and is resent later)."""
+        """Publish the manifest then every chunk, or only the chunks ``indices``; False if the
+        broker could not take them (the update stays in the outbox and is resent later)."""
         round_ = pending.round
         todo = range(pending.num_chunks) if indices is None else sorted(set(indices))
         try:
-            self.transport.publish(
-                topics.update_manifest(self.federation, round_, self.node),
-                pending.manifest.to_bytes(),
-                qos=1,
-            )
+            if indices is None:  # a partial resend answers a coordinator that has the manifest
+                self.transport.publish(
+                    topics.update_manifest(self.federation, round_, self.node),
+                    pending.manifest.to_bytes(),
+                    qos=1,
+                )
             for i in todo:
                 if not 0 <= i < pending.num_chunks:
                     log.warning("round %d: coordinator asked for chunk %d of %d", round_, i,
