@@ -275,6 +275,85 @@ def _embeddings(model: FedscanNet, sets: list[SampleSet], folder: Path, key: str
     return out
 
 
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float  # mean training loss (cross-entropy + proximal term)
+    metrics: Metrics  # on the training pass (augmented inputs, weights changing)
+    seconds: float  # forward + backward + step time
+    images: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_epoch(
+    model: FedscanNet,
+    optimizer: torch.optim.Optimizer,
+    samples: SampleSet,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: AugmentParams | None = AUGMENT,
+    weight: Tensor | None = None,
+    mu: float = 0.0,
+    reference: dict[str, Tensor] | None = None,
+    features: Tensor | None = None,
+) -> EpochStats:
+    """One shuffled pass over ``samples`` (class-weighted CE + ``mu/2 ||w - reference||^2``).
+
+    ``features``: cached embeddings of ``samples`` (head mode: only the classifier runs, and
+    no augmentation applies). Shared by the node's training and ``fedscan bench train``.
+    """
+    if mu > 0 and reference is None:
+        raise ValueError("FedProx (mu > 0) needs the reference (global) weights")
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    images, labels, tex = _tensors(samples)
+    n = len(samples)
+    model.train()
+    t0 = time.perf_counter()
+    perm = torch.randperm(n, generator=generator)
+    total = 0.0
+    logits_all: list[Tensor] = []
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        t = tex[idx] if (tex is not None and model.texture_dim) else None
+        if features is not None:
+            logits = model.classify(features[idx], t)
+        else:
+            x = images[idx]
+            if augment is not None:
+                x = augment_batch(x, augment, generator)
+            logits = model(x, t)
+        loss = F.cross_entropy(logits, labels[idx], weight=weight)
+        if mu > 0 and reference is not None:
+            prox = sum(((p - reference[name]) ** 2).sum() for name, p in trainable)
+            loss = loss + (mu / 2.0) * prox
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        logits_all.append(logits.detach())
+    seconds = time.perf_counter() - t0
+    metrics = (
+        _metrics_of(torch.cat(logits_all), labels[perm])
+        if n
+        else _metrics_of(torch.zeros((0, 2)), labels)
+    )
+    return EpochStats(total / n if n else 0.0, metrics, seconds, n)
+
+
+def validate(
+    model: FedscanNet,
+    samples: SampleSet,
+    weight: Tensor | None = None,
+    features: Tensor | None = None,
+) -> tuple[float, Metrics]:
+    """(class-weighted cross-entropy, metrics) of ``samples`` in eval mode."""
+    logits, labels = _scores(model, samples, features)
+    return float(F.cross_entropy(logits, labels, weight=weight)), _metrics_of(logits, labels)
+
+
 def _fingerprint(job: TrainJob, data: LocalData, incoming: str) -> str:
     relevant = {
         k: v
@@ -384,50 +463,35 @@ def _train(job: TrainJob) -> TrainResult:
         ).hexdigest()
         features = _embeddings(model, [data.train, data.val], job.train_dir / "embeddings", key)
 
-    images, labels, tex = _tensors(data.train)
     epoch = start
     while epoch < job.epochs and not info["stopped"]:
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n_train, generator=generator)
-        losses: list[float] = []
-        logits_all: list[Tensor] = []
-        for i in range(0, n_train, job.batch_size):
-            idx = perm[i : i + job.batch_size]
-            t = tex[idx] if (tex is not None and model.texture_dim) else None
-            if features is not None:
-                logits = model.classify(features[0][idx], t)
-            else:
-                x = images[idx]
-                if job.augment:
-                    x = augment_batch(x, AUGMENT, generator)
-                logits = model(x, t)
-            loss = F.cross_entropy(logits, labels[idx], weight=weight)
-            if job.mu > 0:
-                prox = sum(((p - reference[name]) ** 2).sum() for name, p in trainable)
-                loss = loss + (job.mu / 2.0) * prox
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()) * len(idx))
-            logits_all.append(logits.detach())
-        seconds = time.perf_counter() - t0
-        info["train_images"] += n_train
-        info["train_seconds"] += seconds
-        train_m = _metrics_of(torch.cat(logits_all), labels[perm])
+        stats = train_epoch(
+            model,
+            optimizer,
+            data.train,
+            batch_size=job.batch_size,
+            generator=generator,
+            augment=AUGMENT if job.augment and not head else None,
+            weight=weight,
+            mu=job.mu,
+            reference=reference,
+            features=features[0] if features is not None else None,
+        )
+        info["train_images"] += stats.images
+        info["train_seconds"] += stats.seconds
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": sum(losses) / n_train,
-            "train": train_m.to_dict(),
-            "images_per_s": n_train / seconds if seconds > 0 else None,
-            "seconds": seconds,
+            "loss": stats.loss,
+            "train": stats.metrics.to_dict(),
+            "images_per_s": stats.images_per_s,
+            "seconds": stats.seconds,
         }
         if n_val:
-            val_features = features[1] if features is not None else None
-            val_logits, val_labels = _scores(model, data.val, val_features)
-            val_loss = float(F.cross_entropy(val_logits, val_labels, weight=weight))
+            val_loss, val_m = validate(
+                model, data.val, weight, features[1] if features is not None else None
+            )
             entry["val_loss"] = val_loss
-            entry["val"] = _metrics_of(val_logits, val_labels).to_dict()
+            entry["val"] = val_m.to_dict()
             best = info["best_val_loss"]
             if best is None or val_loss < best:
                 info["best_val_loss"] = val_loss
@@ -447,10 +511,10 @@ def _train(job: TrainJob) -> TrainResult:
             epoch + 1,
             job.epochs,
             entry["loss"],
-            train_m.accuracy,
+            stats.metrics.accuracy,
             f"{entry['val_loss']:.4f}" if n_val else "-",
             f"{entry['val']['accuracy']:.3f}" if n_val else "-",
-            entry["images_per_s"] or 0.0,
+            stats.images_per_s,
         )
         epoch += 1
         train_checkpoint.save(
