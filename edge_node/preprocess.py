@@ -7,7 +7,10 @@ Torch-free (numpy, pydicom, Pillow): the predict-only workstation runs it.
     -> decode pixels (gdcm, openjpeg, rle, deflate, big endian)   dicom_decode.decode_pixels
     -> "hu": HU (rescale, Enhanced CT functional groups) -> lung window     edge_node.hu
        "display": 8-bit display values / 255 (SC from PNG/JPG), colour -> luminance
-    -> MONOCHROME2 convention (where MONOCHROME1 is inverted: see edge_node.hu)
+    -> MONOCHROME2 convention, bright = dense. MONOCHROME1 is inverted on the display path
+       and for non-CT modality values; CT HU are physical values (the photometric tag applies
+       after the modality LUT, to the screen), so the window already gives dense = bright and
+       nothing is inverted there. The full argument is in edge_node.hu.
     -> antialiased resize to size x size (Pillow, mode "F", bilinear = triangle filter
        scaled to the reduction, no overshoot)
 
