@@ -1,0 +1,1 @@
+"""`fedscan experiment`: local-only vs FedAvg vs centralized on patient-disjoint partitions."""

@@ -1,0 +1,67 @@
+"""Settings of one `fedscan experiment` run (the same model and budget for every arm)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedscan.experiment.errors import ExperimentError
+from fedscan.experiment.partition import PARTITIONS
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    dataset: Path  # source folder (UCSD layout, class folders) or a folder with index.csv
+    json_out: Path  # results JSON
+    nodes: int = 3  # hospitals
+    partition: str = "iid"  # iid | label_skew | size_skew
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arch: str = "cnn2d"  # export.zoo registry name
+    rounds: int = 5  # FedAvg rounds
+    local_epochs: int = 2  # epochs per hospital per round; local-only/centralized: R x E epochs
+    lr: float = 1e-3  # AdamW
+    batch_size: int = 16
+    val_fraction: float = 0.1  # the trainer's local validation share of patients (best epoch)
+    augment: bool = True
+    threads: int = 2  # torch threads (the whole run is sequential)
+    cache_dir: Path | None = None  # imported dataset (DICOM + index.csv); default under ~/.cache
+    work_dir: Path | None = None  # label books, weights, trainer cache; default beside json_out
+
+    def __post_init__(self) -> None:
+        if self.partition not in PARTITIONS:
+            raise ExperimentError(
+                f"unknown partition {self.partition!r}; choices: {', '.join(PARTITIONS)}"
+            )
+        if self.nodes < 1:
+            raise ExperimentError("--nodes must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ExperimentError("--seeds must be a non-empty list of distinct integers")
+        if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ExperimentError("rounds, local epochs, batch size and lr must be positive")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ExperimentError("val_fraction must be in (0, 1)")
+        if self.threads < 1:
+            raise ExperimentError("--threads must be >= 1")
+
+    @property
+    def total_epochs(self) -> int:
+        """The training budget of every arm, in passes over a hospital's (or the pool's) data."""
+        return self.rounds * self.local_epochs
+
+    @property
+    def work(self) -> Path:
+        if self.work_dir is not None:
+            return self.work_dir
+        return self.json_out.parent / f"{self.json_out.stem}-work"
+
+    def describe(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        d["total_epochs"] = self.total_epochs
+        return d

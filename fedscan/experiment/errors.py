@@ -1,0 +1,13 @@
+"""Errors of ``fedscan experiment`` (part of the glue layer's tree, ``fedscan.errors``).
+
+FedscanError (fedscan.errors)
+└── ExperimentError     exit 7   bad settings, a partition that cannot be made, a failed arm
+"""
+
+from __future__ import annotations
+
+from fedscan.errors import FedscanError
+
+
+class ExperimentError(FedscanError):
+    exit_code = 7

@@ -1,0 +1,233 @@
+"""Run every seed (partition, initial weights, the three arms) and summarise over seeds.
+
+Spread = sample standard deviation over seeds (ddof 1; 0 with a single seed). The local-only
+arm's headline figures are the mean over hospitals; ``best_hospital`` takes, in every seed, the
+hospital with the highest test accuracy (a strict baseline for FedAvg to beat).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedscan.experiment import arms
+from fedscan.experiment.config import ExperimentConfig
+from fedscan.experiment.data import ensure_index, eval_samples, load_rows, write_label_book
+from fedscan.experiment.partition import class_shares, partition
+from fl_protocol.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "precision", "f1", "sensitivity", "specificity", "auc")
+TARGET_GAIN_OVER_BEST_LOCAL = 3.0  # accuracy points
+TARGET_GAP_TO_CENTRALIZED = 2.0
+SIMULATION_NOTE = (
+    "FedAvg is simulated in-process (the coordinator's fedavg strategy + the edge trainer, fp32 "
+    "deltas, no MQTT); the MQTT path is exercised by `fedscan demo` and the integration tests."
+)
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def _values(m: Metrics) -> dict[str, float | None]:
+    d = m.to_dict()
+    return {k: d[k] for k in METRICS}
+
+
+def summarize(per_seed: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds of every metric (a metric undefined in some seed is skipped)."""
+    out: dict[str, dict[str, float]] = {}
+    for key in METRICS:
+        vals = [float(v) for s in per_seed if (v := s.get(key)) is not None]
+        if vals:
+            out[key] = {**stats(vals), "n_seeds": float(len(vals))}
+    return out
+
+
+def _mean_metrics(ms: Sequence[Metrics]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in METRICS:
+        vals = [v for m in ms if (v := _values(m)[key]) is not None]
+        out[key] = statistics.fmean(vals) if vals else None
+    return out
+
+
+def run_seed(config: ExperimentConfig, seed: int, ctx_parts: dict[str, Any]) -> dict[str, Any]:
+    """One seed: partition, label books, initial weights, and the three arms."""
+    pool, base, test = ctx_parts["pool"], ctx_parts["base"], ctx_parts["test"]
+    work = config.work / f"seed-{seed}"
+    hospitals = partition(pool, config.nodes, config.partition, seed)
+    books = {
+        h.name: write_label_book(work / "books" / f"{h.name}.sqlite", h.rows, base)
+        for h in hospitals
+    }
+    pooled = write_label_book(work / "books" / "pooled.sqlite", pool, base)
+    init = arms.initial_weights(config.arch, seed, work / "global_v0.safetensors")
+    ctx = arms.SeedContext(config, seed, work, config.work / "trainer-state", init, test)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    local = arms.local_only(ctx, books)
+    timings["local_only_s"] = time.perf_counter() - t0
+    _progress(seed, "local-only", local, timings["local_only_s"])
+
+    fed = arms.fedavg(ctx, books)
+    timings["fedavg_s"] = fed.seconds
+    _progress(seed, "FedAvg", {"global": fed.metrics}, fed.seconds)
+
+    t0 = time.perf_counter()
+    central = arms.centralized(ctx, pooled)
+    timings["centralized_s"] = time.perf_counter() - t0
+    _progress(seed, "centralized", {"pooled": central}, timings["centralized_s"])
+
+    best = max(local, key=lambda name: local[name].accuracy)
+    return {
+        "seed": seed,
+        "hospitals": [h.summary() for h in hospitals],
+        "local_only": {name: m.to_dict() for name, m in local.items()},
+        "local_only_mean": _mean_metrics(list(local.values())),
+        "best_hospital": {"name": best, **local[best].to_dict()},
+        "fedavg": fed.metrics.to_dict(),
+        "fedavg_per_round_accuracy": list(fed.per_round),
+        "centralized": central.to_dict(),
+        "timings": timings,
+    }
+
+
+def _progress(seed: int, arm: str, results: Mapping[str, Metrics], seconds: float) -> None:
+    accs = ", ".join(f"{k} {100 * m.accuracy:.1f}%" for k, m in results.items())
+    print(f"seed {seed}: {arm} done in {seconds:.0f} s ({accs})", flush=True)
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The arms' mean/std over seeds and the target check."""
+    names = [h["name"] for h in runs[0]["hospitals"]]
+    local_arm: dict[str, Any] = dict(summarize([r["local_only_mean"] for r in runs]))
+    local_arm["aggregate"] = "mean over hospitals, then mean/std over seeds"
+    local_arm["per_hospital"] = {n: summarize([r["local_only"][n] for r in runs]) for n in names}
+    local_arm["best_hospital"] = summarize([r["best_hospital"] for r in runs])
+    local_arm["best_hospital_names"] = [r["best_hospital"]["name"] for r in runs]
+    fed_arm: dict[str, Any] = dict(summarize([r["fedavg"] for r in runs]))
+    per_round = list(zip(*(r["fedavg_per_round_accuracy"] for r in runs), strict=True))
+    fed_arm["per_round_accuracy"] = [stats(list(v)) for v in per_round]
+    fed_arm["strategy"] = arms.STRATEGY
+    fed_arm["simulated"] = True
+    central_arm = summarize([r["centralized"] for r in runs])
+    fed_acc = 100 * fed_arm["accuracy"]["mean"]
+    gain = fed_acc - 100 * local_arm["best_hospital"]["accuracy"]["mean"]
+    gap = 100 * central_arm["accuracy"]["mean"] - fed_acc
+    return {
+        "local_only": local_arm,
+        "fedavg": fed_arm,
+        "centralized": central_arm,
+        "target": {
+            "fedavg_minus_best_local_points": gain,
+            "centralized_minus_fedavg_points": gap,
+            "required_gain_points": TARGET_GAIN_OVER_BEST_LOCAL,
+            "allowed_gap_points": TARGET_GAP_TO_CENTRALIZED,
+            "met": gain >= TARGET_GAIN_OVER_BEST_LOCAL and gap <= TARGET_GAP_TO_CENTRALIZED,
+        },
+    }
+
+
+def _pm(d: Mapping[str, Any], key: str) -> str:
+    s = d.get(key)
+    if not s:
+        return "-"
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The comparison as a markdown table (percent, mean ± std over seeds)."""
+    a = doc["arms"]
+    cols = ("accuracy", "f1", "sensitivity", "specificity", "auc")
+    n_seeds = len(doc["runs"])
+    rows: list[tuple[str, Mapping[str, Any]]] = [
+        (f"Local-only, mean of {len(a['local_only']['per_hospital'])} hospitals", a["local_only"])
+    ]
+    rows += [(f"Local-only {n}", s) for n, s in a["local_only"]["per_hospital"].items()]
+    rows.append(("Local-only, best hospital of each seed", a["local_only"]["best_hospital"]))
+    rows.append(("FedAvg global model", a["fedavg"]))
+    rows.append(("Centralized (pooled data)", a["centralized"]))
+    head = "| Arm | Accuracy % | F1 % | Sensitivity % | Specificity % | AUC % |"
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| " + " | ".join([name, *(_pm(s, c) for c in cols)]) + " |" for name, s in rows]
+    c = doc["config"]
+    t = doc["target"]
+    lines += [
+        "",
+        f"{c['partition']} partition, {c['nodes']} hospitals, {c['arch']} (random init), "
+        f"{c['rounds']} rounds x {c['local_epochs']} local epochs (= {c['total_epochs']} epochs "
+        f"for local-only and centralized), mean ± std over {n_seeds} seed(s); test = official "
+        f"test split ({doc['test_set']['slices']} slices).",
+        f"FedAvg - best local-only: {t['fedavg_minus_best_local_points']:+.1f} points "
+        f"(target >= +{t['required_gain_points']:.0f}); centralized - FedAvg: "
+        f"{t['centralized_minus_fedavg_points']:+.1f} points (target <= "
+        f"{t['allowed_gap_points']:.0f}): target {'met' if t['met'] else 'NOT met'}.",
+        SIMULATION_NOTE,
+    ]
+    return "\n".join(lines)
+
+
+def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
+    """Everything; writes ``config.json_out`` and returns the document."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    t_start = time.perf_counter()
+    index = ensure_index(config.dataset, config.cache_dir)
+    pool, test_rows, base = load_rows(index)
+    config.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    test = eval_samples(test_rows, base, config.work / "eval-cache")
+    print(f"test set: {len(test)} slices ({time.perf_counter() - t0:.0f} s to load)", flush=True)
+    parts = {"pool": pool, "base": base, "test": test}
+    runs = [run_seed(config, seed, parts) for seed in config.seeds]
+    doc: dict[str, Any] = {
+        "schema": "fedscan.experiment/1",
+        "config": config.describe(),
+        "note": SIMULATION_NOTE,
+        "init": "random (no pretrained weights)",
+        "index": str(index),
+        "pool": {
+            "slices": len(pool),
+            "patients": len({r.patient_key for r in pool}),
+            "target_class_shares": class_shares(config.partition, config.nodes),
+        },
+        "test_set": {
+            "slices": len(test_rows),
+            "patients": len({r.patient_key for r in test_rows}),
+            "covid": sum(r.label == "covid" for r in test_rows),
+            "non_covid": sum(r.label == "non_covid" for r in test_rows),
+        },
+        "metric_definitions": "fl_protocol.metrics (positive class = covid); std = sample "
+        "standard deviation over seeds",
+        "runs": runs,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+    agg = aggregate(runs)
+    doc["arms"] = {k: agg[k] for k in ("local_only", "fedavg", "centralized")}
+    doc["target"] = agg["target"]
+    doc["seconds"] = time.perf_counter() - t_start
+    doc["markdown"] = markdown(doc)
+    config.json_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config.json_out.with_name(f".{config.json_out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, config.json_out)
+    return doc
+
+
+def load(path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(Path(path).read_text())
+    return result
