@@ -1,9 +1,19 @@
 """`fedscan node audit`: prove that every inbox file has exactly one recorded outcome.
 
+    fedscan node audit --config node.toml [--json] [--strict] [--wait SECONDS]
+
 Compares the files in the inbox with the ``files`` table of the node's SQLite state and prints
-``{"files_seen", "predicted", "skipped", "quarantined", "missing"}`` where ``missing`` lists
-inbox files (relative paths) with no recorded outcome. A multi-frame file counts once. The
-node's database is opened read-only, so auditing a running node is safe.
+``{"files_seen", "predicted", "skipped", "quarantined", "missing"}``: counts of inbox files (a
+multi-frame file counts once) and ``missing``, the inbox files (paths relative to the inbox)
+with no outcome recorded for the file *as it is now*. A file rewritten after its outcome was
+stored (other size or mtime) is missing until the node has handled the new version, exactly as
+the node's catch-up scan sees it. The candidates are the watcher's: regular files (symlinks
+followed) with an accepted extension, no hidden files or folders, no writer droppings
+(``.tmp``, ``.part``, ...).
+
+The node's database is opened read-only, so auditing a running node is safe. ``--wait``
+re-checks until nothing is missing or the time is up (after a restart, while the node catches
+up); ``--strict`` exits 1 when files are still missing.
 """
 
 from __future__ import annotations
@@ -12,17 +22,18 @@ import argparse
 import json
 import os
 import sqlite3
+import stat
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_node.config import NodeConfig, load_config
-from edge_node.errors import StoreError
+from edge_node.errors import ConfigError, StoreError
+from edge_node.watcher import IGNORED_PREFIXES, IGNORED_SUFFIXES
 
-# Files a writer is still producing or that are not inputs (editor/OS droppings).
-_IGNORED_PREFIXES = (".",)
-_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".swp", "~")
+Signature = tuple[int, float]  # (size, st_mtime), as the watcher keys files
 
 
 @dataclass(frozen=True)
@@ -38,50 +49,85 @@ class AuditReport:
         return not self.missing
 
 
-def inbox_files(inbox: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Every candidate input under ``inbox`` (recursive), with the watcher's filters."""
-    found: list[Path] = []
+def inbox_files(inbox: Path, extensions: tuple[str, ...]) -> dict[Path, Signature]:
+    """Every candidate input under ``inbox`` (recursive, the watcher's filters) -> signature.
+
+    Paths are ``<resolved inbox>/<relative path>``, the form the node stores; files that
+    vanish during the walk, dangling symlinks and non-regular files are left out.
+    """
+    root = inbox.resolve()
+    found: dict[Path, Signature] = {}
     allowed = {e.lower() for e in extensions}
-    for root, dirs, files in os.walk(inbox):
-        dirs[:] = [d for d in dirs if not d.startswith(_IGNORED_PREFIXES)]
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(IGNORED_PREFIXES)]
         for name in files:
-            if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
+            if name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES):
                 continue
             if Path(name).suffix.lower() not in allowed:
                 continue
-            found.append(Path(root) / name)
-    return sorted(found)
+            path = Path(dirpath) / name
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[path] = (st.st_size, st.st_mtime)
+    return dict(sorted(found.items()))
+
+
+def recorded_outcomes(db: Path) -> dict[str, tuple[str, Signature]]:
+    """path -> (outcome, (size, mtime)) from the node's ``files`` table (read-only)."""
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            con.execute("PRAGMA busy_timeout=30000")
+            rows = con.execute("SELECT path, outcome, size, mtime FROM files").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read node state {db}: {exc}") from exc
+    return {
+        str(path): (str(outcome), (int(size or 0), float(mtime or 0.0)))
+        for path, outcome, size, mtime in rows
+    }
 
 
 def audit(config: NodeConfig) -> AuditReport:
+    """One comparison of the inbox with the recorded outcomes."""
     inbox = config.paths.inbox
-    files = inbox_files(inbox, config.watcher.extensions) if inbox.exists() else []
-    outcomes: dict[str, str] = {}
-    db = config.paths.database
-    if db.exists():
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-            try:
-                rows = con.execute("SELECT path, outcome FROM files").fetchall()
-            finally:
-                con.close()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read node state {db}: {exc}") from exc
-        for path, outcome in rows:
-            outcomes[str(Path(path).resolve())] = str(outcome)
+    if not inbox.is_dir():
+        raise ConfigError(f"inbox {inbox} is not a folder (check [paths] inbox in the config)")
+    files = inbox_files(inbox, config.watcher.extensions)
+    outcomes = recorded_outcomes(config.paths.database)
     counts = {"predicted": 0, "skipped": 0, "quarantined": 0}
     missing: list[str] = []
-    for path in files:
-        outcome = outcomes.get(str(path.resolve()))
-        if outcome in counts:
-            counts[outcome] += 1
+    root = inbox.resolve()
+    for path, signature in files.items():
+        found = outcomes.get(str(path)) or outcomes.get(str(path.resolve()))
+        if found is not None and found[0] in counts and found[1] == signature:
+            counts[found[0]] += 1
         else:
-            missing.append(str(path.relative_to(inbox)))
+            missing.append(str(path.relative_to(root)))
     return AuditReport(files_seen=len(files), missing=missing, **counts)
 
 
+def audit_until_complete(config: NodeConfig, wait_s: float, poll_s: float = 0.5) -> AuditReport:
+    """``audit`` again every ``poll_s`` until nothing is missing or ``wait_s`` has passed."""
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        report = audit(config)
+        if report.complete or time.monotonic() >= deadline:
+            return report
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 def _run(args: argparse.Namespace) -> int:
-    report = audit(load_config(Path(args.config)))
+    if args.wait is not None and args.wait < 0:
+        raise ConfigError("--wait must be >= 0 seconds")
+    config = load_config(Path(args.config))
+    report = audit_until_complete(config, args.wait or 0.0)
     if args.json:
         json.dump(asdict(report), sys.stdout)
         sys.stdout.write("\n")
@@ -101,4 +147,11 @@ def add_subcommands(node_sub: Any) -> None:
     p.add_argument("--config", required=True, help="node.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--strict", action="store_true", help="exit 1 when files are missing")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="re-check until nothing is missing or SECONDS have passed",
+    )
     p.set_defaults(func=_run)
