@@ -28,4 +28,9 @@ def add_parser(sub: Any) -> None:
                 continue  # not built yet
             raise
         mod.add_subcommands(node_sub)
-    parser.set_defaults(func=lambda _args: parser.print_help() or 2)
+
+    def _help(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=_help)
