@@ -97,7 +97,9 @@ class Pipeline:
         self.on_retry = on_retry or self.on_finished
         self.stats = stats or PipelineStats()
         self._ready_q: queue.Queue[Any] = queue.Queue()
-        self._prepared_q: queue.Queue[Any] = queue.Queue()
+        # Bounded: during a burst of thousands of files, preprocessing waits for inference
+        # instead of holding every prepared slice in memory.
+        self._prepared_q: queue.Queue[Any] = queue.Queue(maxsize=2 * files_per_batch + 8)
         self._n_workers = preprocess_workers
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -204,7 +206,7 @@ class Pipeline:
         try:
             pf = prepare(ready.path, self._params(key))
         except FileNotFoundError:
-            self.on_finished(ready)  # deleted before we got to it: nothing to record
+            self._safe_finish(ready)  # deleted before we got to it: nothing to record
             return Outcome("vanished")
         except SkippedInput as exc:
             return self._finish_unusable(ready, "skipped", exc.reason, str(exc), None)
@@ -277,6 +279,8 @@ class Pipeline:
         return Outcome(outcome, reason, sop)
 
     def _safe_finish(self, ready: ReadyFile) -> None:
+        if ready.via == "upload":  # not a watched file
+            return
         try:
             self.on_finished(ready)
         except Exception:

@@ -1,0 +1,50 @@
+"""`fedscan bench inference|train|federation`: each subcommand lives in its own module.
+
+The modules are imported when the parser is built (their top level is light); a module not
+written yet, or whose optional extra is missing, still gets a subcommand that says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+from fedscan.errors import BenchError
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "inference": ("fedscan.bench.inference", "onnxruntime vs torch, file-to-prediction latency"),
+    "train": ("fedscan.bench.train", "local training speed on real slices"),
+    "federation": ("fedscan.bench.federation", "rounds over a real broker"),
+}
+
+
+def _unavailable(name: str, why: str) -> Any:
+    def run(_args: argparse.Namespace) -> int:
+        raise BenchError(f"fedscan bench {name} is not available: {why}")
+
+    return run
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("bench", help="benchmarks (JSON output)")
+    bench_sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=help_text)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                why = f"{module} is not part of this build"
+            else:
+                why = f"missing dependency {exc.name} (install fedscan[train])"
+            p.set_defaults(func=_unavailable(name, why))
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+    def usage(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=usage)
