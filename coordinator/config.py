@@ -39,6 +39,8 @@ class BrokerConfig:
                 raise ConfigError(
                     f"broker.url must be mqtt://host:port or mqtts://host:port, not {self.url!r}"
                 )
+            if parsed.scheme == "mqtts" and self.ca_file is None:
+                raise ConfigError("broker: mqtts:// needs ca_file (the CA of the broker)")
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("broker: cert_file and key_file go together")
         if not 0 <= self.embedded_port < 65536:

@@ -74,6 +74,7 @@ max_norm_ratio = 5.0
         ('state_dir = "s"\n[rounds]\nmin_node = 2', "unknown keys"),
         ('federation = "x"', "state_dir"),
         ('state_dir = "s"\n[broker]\nurl = "http://x:1"', "mqtt://"),
+        ('state_dir = "s"\n[broker]\nurl = "mqtts://x:1"', "ca_file"),
         ('state_dir = "s"\n[rounds]\nmin_nodes = 3\nexpected_nodes = ["a"]', "min_nodes"),
         ('state_dir = "s"\n[rounds]\ntrain_mode = "all"', "train_mode"),
         ('state_dir = "s"\n[model]\ninit = "file"', "weights_file"),

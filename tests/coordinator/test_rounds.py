@@ -292,3 +292,23 @@ def test_eval_reports_are_stored_and_weighted(tmp_path: Path) -> None:
     assert summary["weighted"]["accuracy"] == pytest.approx((0.9 * 100 + 0.5 * 20) / 120)
     assert summary["weighted"]["confusion"] == [[45, 15], [5, 55]]
     assert summary["weighted"]["auc"] == pytest.approx(0.9)
+
+
+def test_broker_outage_during_a_transition_resumes_from_the_state(tmp_path: Path) -> None:
+    """The coordinator's connection drops just before the round closes: the aggregation is
+    committed, opening round 2 cannot be published; once connected again the service resumes
+    from the state and publishes round 2 (updates sent meanwhile were queued by the broker)."""
+    w = World(tmp_path, expected_nodes=(), num_rounds=2)
+    w.service.start()
+    for i, n in enumerate("ab"):
+        w.nodes[n].send_update(make_delta(i), 5)
+    w.step()
+    w.service.transport.drop()  # type: ignore[attr-defined]
+    w.clock.advance(61)
+    w.step()  # aggregates, then fails to publish
+    assert w.service.state.round(1).outcome == "aggregated"
+    assert w.nodes["a"].manifest.version == 0  # nothing new reached the nodes
+    w.service.transport.connect()
+    w.step()
+    assert w.nodes["a"].manifest.version == 1 and w.nodes["a"].manifest.round.round == 2  # type: ignore[union-attr]
+    assert [r.id for r in w.service.state.rounds()] == [1, 2]

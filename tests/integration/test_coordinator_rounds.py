@@ -246,3 +246,39 @@ def test_coordinator_killed_mid_round_resumes_on_mosquitto(
             proc.wait(10)
         stop_all(threads)
     check_two_rounds(config, threads)
+
+
+def test_mosquitto_restarted_mid_round_the_round_still_completes(tmp_path: Path) -> None:
+    """Mosquitto (with persistence) is stopped and started again after two updates: the
+    coordinator and the nodes reconnect, the retained global model survives, the third node
+    then gets it and reports, and both rounds complete with every node counted once."""
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    extra = f"persistence true\npersistence_location {broker_dir}/\nautosave_interval 1\n"
+    if os.geteuid() == 0:  # otherwise mosquitto drops to user "mosquitto", who cannot write here
+        extra += "user root\n"
+    with Mosquitto(broker_dir, extra=extra) as broker:
+        config = write_config(tmp_path, f"mqtt://127.0.0.1:{broker.port}")
+        state_dir = seed_state(config)
+        log = tmp_path / "coordinator.log"
+        threads = make_nodes(broker.port, "abc", {"a": 10, "b": 20, "c": 30})
+        proc = start_coordinator(config, log)
+        try:
+            for name in "ab":
+                threads[name].node.connect()
+                threads[name].start()
+            wait_for(lambda: accepted(state_dir, 1) >= 2, 60, "two updates", proc, log)
+            broker.stop()
+            time.sleep(1.0)
+            broker.start()
+            threads["c"].node.connect()
+            threads["c"].start()
+            done = lambda: all(t.finished.is_set() for t in threads.values())  # noqa: E731
+            wait_for(done, 90, "two rounds", proc, log)
+            assert proc.wait(60) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            stop_all(threads)
+        check_two_rounds(config, threads)
