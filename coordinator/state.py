@@ -23,7 +23,6 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,18 @@ import numpy as np
 from safetensors import safe_open
 
 from coordinator.errors import StateError
+from coordinator.records import (
+    MetricsRow,
+    RoundRow,
+    UpdateRow,
+    VersionRow,
+    round_row,
+    update_row,
+    version_row,
+)
 from coordinator.spool import load_tensors, save_tensors
+
+__all__ = ["MetricsRow", "RoundRow", "State", "UpdateRow", "VersionRow"]
 
 ROUND_STATUSES = ("open", "collecting", "aggregating", "closed")
 
@@ -79,54 +89,6 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (round, node, model_version)
 );
 """
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    id: int
-    status: str
-    config: dict[str, Any]
-    opened_at: float
-    deadline: float
-    extended: bool
-    closed_at: float | None
-    version_in: int
-    version_out: int | None
-    outcome: str | None
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    round: int
-    node: str
-    nonce: str | None
-    num_samples: int | None
-    accepted: bool
-    reason: str | None
-    norm: float | None
-    spool_path: str | None  # relative to state_dir
-    counted_in_aggregate: bool
-    received_at: float
-
-
-@dataclass(frozen=True)
-class VersionRow:
-    version: int
-    sha256: str
-    path: str  # relative to state_dir
-    created_at: float
-    round: int | None
-    retired: bool
-
-
-@dataclass(frozen=True)
-class MetricsRow:
-    round: int
-    node: str
-    model_version: int
-    metrics: dict[str, Any]
-    n_val: int
-    received_at: float
 
 
 class State:
@@ -210,10 +172,10 @@ class State:
 
     def latest_version(self) -> VersionRow | None:
         rows = self._query("SELECT * FROM versions ORDER BY version DESC LIMIT 1")
-        return _version(rows[0]) if rows else None
+        return version_row(rows[0]) if rows else None
 
     def versions(self) -> list[VersionRow]:
-        return [_version(r) for r in self._query("SELECT * FROM versions ORDER BY version")]
+        return [version_row(r) for r in self._query("SELECT * FROM versions ORDER BY version")]
 
     def mark_retired(self, version: int) -> None:
         with self.transaction() as db:
@@ -257,14 +219,14 @@ class State:
         rows = self._query("SELECT * FROM rounds WHERE id = ?", (round_id,))
         if not rows:
             raise StateError(f"round {round_id} not in the state")
-        return _round(rows[0])
+        return round_row(rows[0])
 
     def rounds(self) -> list[RoundRow]:
-        return [_round(r) for r in self._query("SELECT * FROM rounds ORDER BY id")]
+        return [round_row(r) for r in self._query("SELECT * FROM rounds ORDER BY id")]
 
     def last_round(self) -> RoundRow | None:
         rows = self._query("SELECT * FROM rounds ORDER BY id DESC LIMIT 1")
-        return _round(rows[0]) if rows else None
+        return round_row(rows[0]) if rows else None
 
     def set_status(self, round_id: int, status: str) -> None:
         if status not in ROUND_STATUSES:
@@ -362,7 +324,7 @@ class State:
 
     def get_update(self, round_id: int, node: str) -> UpdateRow | None:
         rows = self._query("SELECT * FROM updates WHERE round = ? AND node = ?", (round_id, node))
-        return _update(rows[0]) if rows else None
+        return update_row(rows[0]) if rows else None
 
     def updates(self, round_id: int, accepted: bool | None = None) -> list[UpdateRow]:
         sql = "SELECT * FROM updates WHERE round = ?"
@@ -370,7 +332,7 @@ class State:
         if accepted is not None:
             sql += " AND accepted = ?"
             args.append(int(accepted))
-        return [_update(r) for r in self._query(sql + " ORDER BY node", args)]
+        return [update_row(r) for r in self._query(sql + " ORDER BY node", args)]
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -406,44 +368,3 @@ class State:
             )
             for r in rows
         ]
-
-
-def _round(r: sqlite3.Row) -> RoundRow:
-    return RoundRow(
-        id=r["id"],
-        status=r["status"],
-        config=json.loads(r["config"]),
-        opened_at=r["opened_at"],
-        deadline=r["deadline"],
-        extended=bool(r["extended"]),
-        closed_at=r["closed_at"],
-        version_in=r["version_in"],
-        version_out=r["version_out"],
-        outcome=r["outcome"],
-    )
-
-
-def _update(r: sqlite3.Row) -> UpdateRow:
-    return UpdateRow(
-        round=r["round"],
-        node=r["node"],
-        nonce=r["nonce"],
-        num_samples=r["num_samples"],
-        accepted=bool(r["accepted"]),
-        reason=r["reason"],
-        norm=r["norm"],
-        spool_path=r["spool_path"],
-        counted_in_aggregate=bool(r["counted_in_aggregate"]),
-        received_at=r["received_at"],
-    )
-
-
-def _version(r: sqlite3.Row) -> VersionRow:
-    return VersionRow(
-        version=r["version"],
-        sha256=r["sha256"],
-        path=r["path"],
-        created_at=r["created_at"],
-        round=r["round"],
-        retired=bool(r["retired"]),
-    )
