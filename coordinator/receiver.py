@@ -77,6 +77,7 @@ class Receiver:
         self._transfers: dict[tuple[int, str], _Transfer] = {}
         self._early: dict[tuple[int, str], _Early] = {}
         self._early_bytes = 0
+        self._answered: set[tuple[int, str]] = set()  # finished transfers: stray chunks dropped
         self.open_round: int | None = None  # set by the round logic: early chunks only for it
 
     def send_ack(self, ack: Ack) -> None:
@@ -109,8 +110,10 @@ class Receiver:
         answer = self.sink.admit(manifest)
         if answer is not None:
             self._drop(key)
+            self._drop_early(key)
             self.send_ack(answer)
             return
+        self._answered.discard(key)
         current = self._transfers.get(key)
         if current is not None and current.manifest == manifest:
             current.last_activity = self.clock()  # a resend: keep what we have
@@ -155,7 +158,8 @@ class Receiver:
         for key in [k for k in self._transfers if k[0] <= round_id]:
             self._drop(key)
         for key in [k for k in self._early if k[0] <= round_id]:
-            self._early_bytes -= self._early.pop(key).size
+            self._drop_early(key)
+        self._answered = {k for k in self._answered if k[0] > round_id}
         for path in self.incoming.glob("round_*"):
             suffix = path.name.removeprefix("round_")
             if suffix.isdigit() and int(suffix) <= round_id:
@@ -163,7 +167,13 @@ class Receiver:
 
     @property
     def active(self) -> int:
+        """Transfers in progress."""
         return len(self._transfers)
+
+    @property
+    def early_bytes(self) -> int:
+        """Bytes of chunks held while waiting for their manifest."""
+        return self._early_bytes
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -185,6 +195,7 @@ class Receiver:
         else:
             ack = self.sink.complete(manifest, payload)
         self._drop(key)
+        self._answered.add(key)
         self.send_ack(ack)
 
     def _drop(self, key: tuple[int, str]) -> None:
@@ -192,9 +203,14 @@ class Receiver:
         if transfer is not None:
             transfer.reassembler.discard()
 
+    def _drop_early(self, key: tuple[int, str]) -> None:
+        early = self._early.pop(key, None)
+        if early is not None:
+            self._early_bytes -= early.size
+
     def _buffer_early(self, key: tuple[int, str], index: int, data: bytes) -> None:
-        if key[0] != self.open_round:
-            return  # a chunk of a closed round: the manifest's stale ack answers the node
+        if key[0] != self.open_round or key in self._answered:
+            return  # a closed round (the manifest's stale ack answers), or a late duplicate
         early = self._early.setdefault(key, _Early())
         if index in early.chunks or self._early_bytes + len(data) > EARLY_BUFFER_BYTES:
             return  # duplicate, or over budget: it will be asked for as missing
