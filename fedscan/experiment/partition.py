@@ -93,7 +93,8 @@ def partition(
         target = [s * total for s in shares[label]]
         have = [0] * n
         for p in order:
-            h = max(range(n), key=lambda i: (target[i] - have[i], -i))
+            # furthest below target; ties: the hospital with the least data so far
+            h = max(range(n), key=lambda i: (target[i] - have[i], -len(assigned[i]), -i))
             assigned[h] += by_patient[p]
             have[h] += len(by_patient[p])
     hospitals = [

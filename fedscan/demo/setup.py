@@ -1,0 +1,129 @@
+"""The demo's folders and configuration files: one coordinator, one folder per hospital.
+
+Each node folder comes from ``fedscan node init`` (``edge_node.cmd_daemon.init_node``) and its
+``node.toml`` is then edited: federation on (the local broker's port), the API on a free port,
+one thread each (two cores for everything), the demo's training settings. The coordinator's
+file starts from ``coordinator.config.default_toml`` with the broker, model and rounds set.
+The coordinator signs every global manifest with a fresh Ed25519 key and the nodes check it.
+Both files are loaded back with their own loaders, so a bad edit fails here, not in a child.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedscan.demo.config import DemoConfig
+
+FEDERATION = "demo"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(doc: Mapping[str, Any], _prefix: str = "") -> str:
+    """A small TOML writer for config files: scalars and lists first, then (nested) tables;
+    ``None`` values are left out (TOML has no null)."""
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in doc.items()
+        if v is not None and not isinstance(v, dict)
+    ]
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            name = f"{_prefix}{k}"
+            lines += ["", f"[{name}]"]
+            body = dump_toml(v, f"{name}.").strip("\n")
+            if body:
+                lines.append(body)
+    return "\n".join(lines) + "\n"
+
+
+def write_keys(folder: Path) -> tuple[Path, Path]:
+    """(coordinator private key, its public key) for signed global manifests."""
+    from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key, public_key = generate_keypair()
+    private, public = folder / "coordinator.ed25519", folder / "coordinator.ed25519.pub"
+    save_private_key(key, private)
+    save_public_key(public_key, public)
+    return private, public
+
+
+def min_labels(config: DemoConfig, smallest_share: int) -> int:
+    if config.min_labels is not None:
+        return config.min_labels
+    return max(4, smallest_share // 3)
+
+
+def coordinator_toml(
+    config: DemoConfig, folder: Path, broker_port: int, signing_key: Path, labels_needed: int
+) -> Path:
+    from coordinator.config import default_toml, load_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = tomllib.loads(default_toml(FEDERATION))
+    raw["signing_key"] = str(signing_key)
+    raw["broker"] = {"url": f"mqtt://127.0.0.1:{broker_port}", "keepalive_s": 30}
+    raw["model"].update(arch=config.arch, init="random", seed=config.seed)
+    raw["rounds"].update(
+        num_rounds=config.rounds,
+        min_nodes=config.nodes,
+        expected_nodes=config.node_ids,
+        round_timeout_s=config.round_timeout_s,
+        strategy="fedavg",
+        codec="fp16",
+        local_epochs=config.local_epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        min_labels=labels_needed,
+        seed=config.seed,
+    )
+    path = folder / "coordinator.toml"
+    path.write_text("# written by fedscan demo\n" + dump_toml(raw))
+    load_config(path)
+    return path
+
+
+def node_toml(
+    config: DemoConfig, folder: Path, node_id: str, broker_port: int, coordinator_key: Path
+) -> Path:
+    from edge_node.cmd_daemon import init_node
+    from edge_node.config import load_config
+
+    path = init_node(folder, node_id, force=True)
+    raw = tomllib.loads(path.read_text())
+    raw["api"]["port"] = 0  # a free port, written to state/api.port
+    raw["inference"]["intra_op_threads"] = 1
+    raw["training"].update(
+        arch=config.arch,
+        epochs=config.rounds * config.local_epochs,  # `fedscan node train` (local-only run)
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        early_stopping_patience=0,  # the whole budget, like a round's fixed epochs
+        torch_threads=1,
+    )
+    raw["federation"] = {
+        "enabled": True,
+        "federation": FEDERATION,
+        "broker": f"mqtt://127.0.0.1:{broker_port}",
+        "coordinator_public_key": str(coordinator_key),
+        "codec": "fp16",
+    }
+    path.write_text(f"# fedscan node init + edits by fedscan demo\n{dump_toml(raw)}")
+    load_config(path)
+    return path
