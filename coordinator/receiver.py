@@ -2,8 +2,9 @@
 
 Per (round, node) one transfer: a ``fl_protocol.chunking.Reassembler`` spooled on disk under
 ``state_dir/incoming/round_R/N/`` (a restarted coordinator resumes when the node resends its
-manifest), fed chunks in any order; duplicates are ignored (QoS 1 is at-least-once). Chunks that
-arrive before their manifest are held in a small bounded buffer. A transfer that stays
+manifest; payloads of at most 1 MiB stay in memory), fed chunks in any order; duplicates are
+ignored (QoS 1 is at-least-once). Chunks that arrive before their manifest are held in a small
+bounded buffer. A transfer that stays
 incomplete for ``chunk_timeout_s`` gets an ``Ack(status="missing", missing=[...])`` and is asked
 again after each further quiet period. The round logic (``UpdateSink``) decides whether a
 manifest is admitted (stale round, unknown node, already counted) and what a complete payload
@@ -31,6 +32,10 @@ from fl_protocol.topics import TopicInfo
 log = logging.getLogger(__name__)
 
 EARLY_BUFFER_BYTES = 64 * 1024 * 1024  # chunks held while their manifest has not arrived
+# payloads up to this size are reassembled in memory: a disk spool would cost an fsync per
+# chunk for nothing (the node keeps its update until acknowledged and resends after a crash);
+# larger ones are spooled so that 100 concurrent transfers do not hold 100 models in memory
+IN_MEMORY_MAX_BYTES = 1024 * 1024
 
 
 class UpdateSink(Protocol):
@@ -78,6 +83,7 @@ class Receiver:
         self._early: dict[tuple[int, str], _Early] = {}
         self._early_bytes = 0
         self._answered: set[tuple[int, str]] = set()  # finished transfers: stray chunks dropped
+        self.in_memory_max_bytes = IN_MEMORY_MAX_BYTES
         self.open_round: int | None = None  # set by the round logic: early chunks only for it
 
     def send_ack(self, ack: Ack) -> None:
@@ -120,7 +126,9 @@ class Receiver:
         else:
             if current is not None:
                 log.info("node %s replaced its round %d update", manifest.node, manifest.round)
-            spool = self.incoming / f"round_{manifest.round}" / manifest.node
+            spool: Path | None = self.incoming / f"round_{manifest.round}" / manifest.node
+            if manifest.payload.total_size <= self.in_memory_max_bytes:
+                spool = None
             current = _Transfer(manifest, Reassembler(manifest.payload, spool), self.clock())
             self._transfers[key] = current
         early = self._early.pop(key, None)

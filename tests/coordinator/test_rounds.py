@@ -123,6 +123,7 @@ def test_duplicated_reordered_and_early_chunks_count_once(tmp_path: Path) -> Non
     """Chunks in reverse order, every chunk twice, chunks before the manifest, a manifest
     resent after acceptance: one accepted update per node, the same result as clean sends."""
     w = World(tmp_path, expected_nodes=(), num_rounds=1)
+    w.service.receiver.in_memory_max_bytes = 0  # a's transfer through the disk spool
     w.service.start()
     a, b = w.nodes["a"], w.nodes["b"]
     da, db = make_delta(1), make_delta(2)
@@ -153,13 +154,16 @@ def test_duplicated_reordered_and_early_chunks_count_once(tmp_path: Path) -> Non
 
 
 def test_missing_chunks_are_asked_for_after_the_timeout(tmp_path: Path) -> None:
-    """A node whose chunks 1 and 3 were lost gets an ack listing them, resends, is accepted."""
+    """A node whose chunks 1 and 3 were lost gets an ack listing them, resends, is accepted
+    (reassembled through the disk spool, as payloads over 1 MiB are)."""
     w = World(tmp_path)
+    w.service.receiver.in_memory_max_bytes = 0
     w.service.start()
     a = w.nodes["a"]
     a.send_update(make_delta(1), 5, skip=(1, 3))
     w.step()
     assert a.last_ack(1) is None
+    assert len(list((w.cfg.state_dir / "incoming" / "round_1" / "a").glob("*.chunk"))) > 0
     w.clock.advance(5.1)
     w.step()
     ack = a.last_ack(1)
@@ -168,6 +172,7 @@ def test_missing_chunks_are_asked_for_after_the_timeout(tmp_path: Path) -> None:
         a.send_chunk(1, i)
     w.step()
     assert a.last_ack(1).status == "complete"  # type: ignore[union-attr]
+    assert not any((w.cfg.state_dir / "incoming").glob("round_1/*"))  # spooled chunks removed
 
 
 def test_stale_and_refused_updates_are_acked_with_reasons(tmp_path: Path) -> None:
