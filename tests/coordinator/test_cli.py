@@ -63,3 +63,12 @@ def test_status_without_state_is_a_clear_error(
     assert main(["coordinator", "status", "--config", str(config)]) == 4
     assert "no coordinator state" in capsys.readouterr().err
     assert main(["coordinator", "status", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_run_refuses_a_bad_rounds_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text('state_dir = "s"\n')
+    assert main(["coordinator", "run", "--config", str(config), "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
