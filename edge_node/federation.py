@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_node.config import NodeConfig
 from edge_node.errors import NodeError
@@ -59,8 +60,12 @@ _STOP = object()
 Event = Message | _Connected | object
 
 
-def make_transport(config: NodeConfig) -> Transport:
-    """A ``PahoTransport`` for ``[federation]`` (TLS when ``ca_file`` is set)."""
+def make_transport(config: NodeConfig, client_suffix: str = "") -> Transport:
+    """A ``PahoTransport`` for ``[federation]`` (TLS when ``ca_file`` is set).
+
+    The client id is stable per node (``fedscan-node-<id>``) so the broker keeps its session
+    (QoS 1 messages queued while it is away); a tool running beside the daemon adds a suffix
+    so that it does not take the daemon's session over."""
     from fl_protocol.transport import PahoTransport
 
     fed = config.federation
@@ -70,7 +75,7 @@ def make_transport(config: NodeConfig) -> Transport:
 
     settings = MqttSettings.from_url(
         fed.broker,
-        client_id=f"fedscan-node-{config.node_id}",
+        client_id=f"fedscan-node-{config.node_id}{client_suffix}",
         ca_file=opt(fed.ca_file),
         cert_file=opt(fed.cert_file),
         key_file=opt(fed.key_file),
@@ -92,6 +97,7 @@ class FederationClient:
         ack_timeout_s: float = ACK_TIMEOUT_S,
         label_check_s: float = LABEL_CHECK_S,
         can_train: bool | None = None,
+        participate: bool = True,
     ) -> None:
         self.config = config
         self.node = config.node_id
@@ -105,6 +111,7 @@ class FederationClient:
         self.clock = clock
         self.label_check_s = label_check_s
         self.can_train = torch_available() if can_train is None else can_train
+        self.participate = participate  # False: follow the global model only (fedscan node sync)
         federation_dir(config).mkdir(parents=True, exist_ok=True)
         self.sync = ModelSync(config, self.compute, on_new_model, can_export=self.can_train)
         self.sender = UpdateSender(config, self.transport, clock=clock, ack_timeout_s=ack_timeout_s)
@@ -148,11 +155,15 @@ class FederationClient:
         if self._wired:
             return
         self._wired = True
-        self.transport.set_will(
-            topics.node_status(self.federation, self.node), self._status("offline"), retain=True
-        )
+        if self.participate:
+            self.transport.set_will(
+                topics.node_status(self.federation, self.node),
+                self._status("offline"),
+                retain=True,
+            )
+            acks = topics.acks_filter(self.federation, self.node)
+            self.transport.subscribe(acks, self._events.put)
         self.transport.subscribe(topics.global_current(self.federation), self._events.put)
-        self.transport.subscribe(topics.acks_filter(self.federation, self.node), self._events.put)
         self.transport.add_connect_callback(lambda: self._events.put(_Connected()))
 
     def connect(self) -> None:
@@ -177,7 +188,7 @@ class FederationClient:
             if self._thread.is_alive():
                 log.warning("federation worker still busy (training?); leaving it behind")
         self._thread = None
-        if self.transport.is_connected:
+        if self.participate and self.transport.is_connected:
             try:
                 self.transport.publish(
                     topics.node_status(self.federation, self.node),
@@ -195,6 +206,12 @@ class FederationClient:
 
     def _run(self) -> None:
         delay = 1.0
+        prestart = getattr(self.compute, "prestart", None)
+        if self.can_train and self.participate and prestart is not None:
+            try:
+                prestart()  # torch loads in the worker while we connect and fetch
+            except OSError as exc:
+                log.warning("cannot start the compute worker yet: %s", exc)
         self._wire()
         while not self._stop.is_set():
             try:
@@ -244,9 +261,34 @@ class FederationClient:
         self._last_tick = time.monotonic()
         if self.manifest is None:
             return
+        if not self.participate:
+            return
         open_round = self.manifest.round.round if self.manifest.round is not None else None
         self.sender.service(open_round)
         self._maybe_train()
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for the local API / logs (no identifiers: versions and rounds only)."""
+        st = self.sync.state
+        m = self.manifest
+        return {
+            "federation": self.federation,
+            "node": self.node,
+            "connected": self.transport.is_connected,
+            "capabilities": list(self.capabilities),
+            "global_version": m.version if m else None,
+            "open_round": m.round.round if m and m.round else None,
+            "installed_version": st.installed_version,
+            "served_version": st.served_version,
+            "refused_version": st.refused_version,
+            "fetching_version": self.sync.fetching.version if self.sync.fetching else None,
+            "pending_rounds": [p.round for p in self.sender.pending()],
+            "last_ack": (
+                {"round": self.sender.acks[-1].round, "status": self.sender.acks[-1].status}
+                if self.sender.acks
+                else None
+            ),
+        }
 
     def _on_connected(self) -> None:
         log.info("federation %s: connected as node %s", self.federation, self.node)
@@ -254,6 +296,8 @@ class FederationClient:
         self.sender.resend_soon()
 
     def _publish_status(self) -> None:
+        if not self.participate:
+            return
         try:
             self.transport.publish(
                 topics.node_status(self.federation, self.node),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -164,6 +165,11 @@ def _serve(threads: int, nice: int, idle_exit_s: float) -> int:
     torch.set_num_threads(max(1, threads))
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
+    # Import what jobs need while there is no job yet: the first one then starts at once.
+    for module in ("edge_node.trainer", "export.onnx_export", "export.weights"):
+        importlib.import_module(module)
+
+    log.info("compute worker ready")
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], idle_exit_s)
         if not ready:
@@ -222,6 +228,11 @@ class WorkerCompute:
         )
         log.info("compute worker started (pid %d)", self._proc.pid)
         return self._proc
+
+    def prestart(self) -> None:
+        """Start the child now (it imports torch while the node has nothing for it yet)."""
+        with self._lock:
+            self._child()
 
     def _call(self, request: dict[str, Any], error: type[NodeError]) -> Any:
         with self._lock:

@@ -1,0 +1,354 @@
+"""Federated rounds with real processes: `fedscan coordinator run` and `fedscan node run` daemons
+with ``[federation] enabled``, each with a small labelled inbox of real CT DICOM, over a real
+broker (Mosquitto, then the embedded one).
+
+- Three nodes complete two rounds of cnn2d (one local epoch): each installs v0, v1 and v2 from
+  the broker (export to ONNX, atomic swap), evaluates, trains and sends its delta; a new slice
+  dropped into each inbox afterwards is predicted by global model v2 (node SQLite + API).
+- A node SIGKILLed while its round-1 update is not yet acknowledged (the coordinator is paused
+  with SIGSTOP so no ack can come) resends the stored update after its restart, without
+  training again, and is counted once.
+- On the embedded broker, a node that was offline for both rounds catches up with v2 when it
+  comes back.
+
+The coordinator's version 0 is made here with the real cnn2d (so its process needs no torch);
+the nodes export and train in their low-priority compute worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.config import load_config
+from coordinator.model_init import ensure_initial_version, torch_model_source
+from coordinator.service import read_broker_port
+from coordinator.state import State
+from edge_node.preprocess import patient_key
+from edge_node.split import VAL, side_of
+from tests.edge_node.train_helpers import write_slice
+from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
+from tests.integration.mosquitto import Mosquitto
+from tests.integration.node_process import NodeProcess
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+FEDERATION = "fedint"
+TIMEOUT = 240.0  # generous: two cores shared with the rest of the suite
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    logs: tuple[Path, ...] = (),
+    procs: tuple[subprocess.Popen[bytes], ...] = (),
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.1)
+    tails = "\n".join(
+        f"--- {p}\n{p.read_text(errors='replace')[-2500:]}" for p in logs if p.exists()
+    )
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+# -- coordinator ---------------------------------------------------------------------------------
+
+
+def write_coordinator(folder: Path, broker_url: str | None, nodes: str, **rounds: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    broker = f'url = "{broker_url}"' if broker_url else "embedded_port = 0"
+    params: dict[str, Any] = {
+        "num_rounds": 2,
+        "min_nodes": len(nodes),
+        "expected_nodes": list(nodes),
+        "round_timeout_s": 300.0,
+        "chunk_timeout_s": 2.0,
+        "codec": "fp16",
+        "local_epochs": 1,
+        "batch_size": 4,
+        "min_labels": 4,
+        "eval_wait_s": 0.0,
+    }
+    params.update(rounds)
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
+    path = folder / "coordinator.toml"
+    path.write_text(
+        f'federation = "{FEDERATION}"\nstate_dir = "state"\n[broker]\n{broker}\n'
+        f'[model]\narch = "cnn2d"\n[rounds]\n{lines}\n'
+    )
+    cfg = load_config(path)
+    state = State(cfg.state_dir)  # version 0 from the real cnn2d, made in this process
+    try:
+        ensure_initial_version(state, cfg.model, torch_model_source)
+    finally:
+        state.close()
+    return path
+
+
+class Coordinator:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.state_dir = config.parent / "state"
+        self.log = config.parent / "coordinator.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Coordinator:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "fedscan.cli", "coordinator", "run"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*cmd, "--config", str(self.config)],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        db = self.state_dir / "coordinator.sqlite"
+        if not db.exists():
+            return []
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return con.execute(sql).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            con.close()
+
+    def round_status(self, round_id: int) -> str | None:
+        rows = self.query(f"SELECT status FROM rounds WHERE id = {int(round_id)}")
+        return str(rows[0][0]) if rows else None
+
+    def status(self) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "fedscan.cli", "coordinator", "status", "--json"]
+        out = subprocess.run(
+            [*cmd, "--config", str(self.config)],
+            cwd=REPO,
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        return dict(json.loads(out.stdout))
+
+
+# -- nodes ---------------------------------------------------------------------------------------
+
+
+def node_toml(node_id: str, broker_url: str) -> str:
+    return f"""node_id = "{node_id}"
+[paths]
+inbox = "inbox"
+state_dir = "state"
+quarantine_dir = "quarantine"
+model_dir = "models"
+[inference]
+intra_op_threads = 1
+[api]
+port = 0
+[training]
+arch = "cnn2d"
+epochs = 1
+batch_size = 4
+val_fraction = 0.5
+augment = false
+early_stopping_patience = 0
+torch_threads = 1
+nice = 5
+[federation]
+enabled = true
+federation = "{FEDERATION}"
+broker = "{broker_url}"
+"""
+
+
+def labelled_inbox(inbox: Path, node_id: str) -> list[str]:
+    """Six real CT slices of six patients under inbox/labelled/<class>/: per class two on the
+    train side and one on the validation side of the federation's patient split."""
+    src = sample_path(CT_SAMPLE)
+    want = {("train", 0): 2, ("train", 1): 2, (VAL, 0): 1, (VAL, 1): 1}
+    uids: list[str] = []
+    i = 0
+    while any(want.values()):
+        pid = f"{node_id}-P{i}"
+        side = side_of(patient_key(pid), salt=FEDERATION, val_fraction=0.5)
+        cls = i % 2
+        key = (VAL if side == VAL else "train", cls)
+        if want[key]:
+            want[key] -= 1
+            folder = inbox / "labelled" / ("covid" if cls else "non_covid")
+            uids.append(write_slice(src, folder / f"{pid}.dcm", patient_id=pid,
+                                    covid=bool(cls), seed=i))  # fmt: skip
+        i += 1
+    return uids
+
+
+class FedNode(NodeProcess):
+    """A `fedscan node run` daemon that gets its model from the federation."""
+
+    def __init__(self, folder: Path, node_id: str, broker_url: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "node.toml").write_text(node_toml(node_id, broker_url))
+        super().__init__(folder)
+        self.node_id = node_id
+        self.uids = labelled_inbox(self.inbox, node_id)
+
+    def start(self) -> FedNode:
+        port_file = self.folder / "state" / "api.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "fedscan.cli", "node", "run", "--config", str(self.toml)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        wait_for(lambda: port_file.exists(), 60, f"{self.node_id} API", (self.log,), (self.proc,))
+        self.port = int(port_file.read_text())
+        return self
+
+    def served(self) -> str | None:
+        version = self.health().get("model_version")
+        return None if version is None else str(version)
+
+    def outbox_rounds(self) -> list[str]:
+        outbox = self.folder / "state" / "federation" / "outbox"
+        return sorted(p.name for p in outbox.glob("round-*")) if outbox.exists() else []
+
+    def predicted_version(self, uid: str) -> str | None:
+        rows = self.query(
+            "SELECT model_version FROM predictions WHERE sop_instance_uid = ?", (uid,)
+        )
+        return str(rows[0][0]) if rows else None
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Any]]:
+    """Everything started by a test is stopped, even when it fails."""
+    started: list[Any] = []
+    yield started
+    for thing in reversed(started):
+        if isinstance(thing, Coordinator):
+            thing.stop()
+        else:
+            thing.kill()
+
+
+def logs_of(coord: Coordinator, nodes: dict[str, FedNode]) -> tuple[Path, ...]:
+    return (coord.log, *(n.log for n in nodes.values()))
+
+
+def check_rounds(coord: Coordinator, nodes: str) -> dict[str, Any]:
+    doc = coord.status()
+    assert doc["global_version"] == 2
+    rounds = doc["rounds"]
+    assert [(r["round"], r["outcome"], r["version_out"]) for r in rounds] == [
+        (1, "aggregated", 1),
+        (2, "aggregated", 2),
+    ]
+    for r in rounds:
+        assert r["accepted"] == sorted(nodes) and r["counted"] == sorted(nodes)
+        assert r["rejected"] == {}
+        assert sorted(r["metrics"]) == sorted(nodes)  # every node evaluated the global model
+    return doc
+
+
+def check_serves_v2(node: FedNode, first_version: str = "0") -> None:
+    """A slice dropped into the inbox now is predicted by global model v2; the labelled slices
+    were predicted by the first model the node received."""
+    uid = copy_with_new_uid(sample_path(CT_SAMPLE), node.inbox / "new" / "after.dcm")
+    wait_for(lambda: node.predicted_version(uid), 60, f"{node.node_id} prediction", (node.log,))
+    assert node.predicted_version(uid) == "2"
+    assert node.predicted_version(node.uids[0]) == first_version
+
+
+def test_three_nodes_complete_two_rounds_on_mosquitto_and_a_killed_node_counts_once(
+    tmp_path: Path, mosquitto: Mosquitto, cleanup: list[Any]
+) -> None:
+    url = f"mqtt://127.0.0.1:{mosquitto.port}"
+    coord = Coordinator(write_coordinator(tmp_path / "coordinator", url, "abc"))
+    nodes = {n: FedNode(tmp_path / n, n, url) for n in "abc"}
+    logs = logs_of(coord, nodes)
+    cleanup.append(coord.start())
+    for node in nodes.values():
+        cleanup.append(node.start())
+
+    # Round 1 is published: pause the coordinator so no update can be acknowledged, and kill
+    # node b as soon as its update is stored (it may or may not have published it yet).
+    wait_for(lambda: coord.round_status(1) == "collecting", TIMEOUT, "round 1", logs)
+    coord.signal(signal.SIGSTOP)
+    b = nodes["b"]
+    wait_for(lambda: b.outbox_rounds() == ["round-1"], TIMEOUT, "b's round-1 update", logs)
+    b.kill()
+    coord.signal(signal.SIGCONT)
+    b.start()
+
+    for node in nodes.values():
+        wait_for(lambda n=node: n.served() == "2", TIMEOUT, f"{node.node_id} on v2", logs)  # type: ignore[misc]
+    assert coord.proc is not None
+    assert coord.proc.wait(60) == 0
+    check_rounds(coord, "abc")
+    log_b = b.log.read_text(errors="replace")
+    assert log_b.count("round 1: training from global model 0") == 1  # not trained again
+    assert b.outbox_rounds() == []
+    for node in nodes.values():
+        check_serves_v2(node)
+        assert node.terminate() == 0
+
+
+def test_two_rounds_on_the_embedded_broker_and_an_offline_node_catches_up(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    coord = Coordinator(write_coordinator(tmp_path / "coordinator", None, "ab", eval_wait_s=120))
+    cleanup.append(coord.start())
+    port = wait_for(lambda: read_broker_port(coord.state_dir), 60, "embedded broker",
+                    (coord.log,))  # fmt: skip
+    url = f"mqtt://127.0.0.1:{port}"
+    nodes = {n: FedNode(tmp_path / n, n, url) for n in "abc"}
+    logs = logs_of(coord, nodes)
+    for name in "ab":
+        cleanup.append(nodes[name].start())
+    for name in "ab":
+        node = nodes[name]
+        wait_for(lambda n=node: n.served() == "2", TIMEOUT, f"{name} on v2", logs)  # type: ignore[misc]
+    check_rounds(coord, "ab")
+
+    late = nodes["c"]  # offline for both rounds; comes back to global model v2
+    cleanup.append(late.start())
+    wait_for(lambda: late.served() == "2", TIMEOUT, "c catching up with v2", logs)
+    assert late.outbox_rounds() == []  # no round open: nothing trained, nothing sent
+    for name, node in nodes.items():
+        check_serves_v2(node, "2" if name == "c" else "0")
+        assert node.terminate() == 0
