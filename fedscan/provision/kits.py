@@ -68,12 +68,11 @@ def coordinator_toml(state: ProvisionState) -> str:
     expected = ", ".join(f'"{n}"' for n in nodes)
     return f"""# fedscan coordinator configuration written by `fedscan provision`.
 # Paths are relative to this file.
-# Trusted node signing keys: {KIT.nodes_dir}/<node>.pub (one per active node).
-# Revoked nodes and their key fingerprints: {KIT.revoked}.
-# Updates signed by any other key, or by a revoked node, must be refused.
 federation = "{state.federation}"
 state_dir = "state"
 signing_key = "{KIT.signing_key}"  # Ed25519 key signing global manifests (0600)
+node_keys_dir = "{KIT.nodes_dir}"  # trusted <node>.pub: every update must be signed by its node
+revoked_file = "{KIT.revoked}"  # revoked nodes / key fingerprints: their updates are refused
 
 [broker]
 url = "{broker_url(state)}"
