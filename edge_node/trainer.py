@@ -142,7 +142,7 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _clone_state(model: torch.nn.Module) -> dict[str, Tensor]:
+def clone_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -441,7 +441,7 @@ def _train(job: TrainJob) -> TrainResult:
     else:
         train_checkpoint.clear(job.train_dir)
         reference = {name: p.detach().clone() for name, p in trainable}
-        best_state = _clone_state(model)
+        best_state = clone_state(model)
         init_val = evaluate(model, data.val).to_dict() if n_val else None
         info = {
             "history": [],
@@ -497,14 +497,14 @@ def _train(job: TrainJob) -> TrainResult:
                 info["best_val_loss"] = val_loss
                 info["best_epoch"] = epoch + 1
                 info["bad_epochs"] = 0
-                best_state = _clone_state(model)
+                best_state = clone_state(model)
             else:
                 info["bad_epochs"] += 1
             if job.patience > 0 and info["bad_epochs"] >= job.patience:
                 info["stopped"] = True
         else:
             info["best_epoch"] = epoch + 1
-            best_state = _clone_state(model)
+            best_state = clone_state(model)
         info["history"].append(entry)
         log.info(
             "epoch %d/%d: loss %.4f, train acc %.3f, val loss %s, val acc %s, %.1f images/s",
@@ -522,7 +522,7 @@ def _train(job: TrainJob) -> TrainResult:
             train_checkpoint.CheckpointState(
                 fingerprint=fingerprint,
                 epoch=epoch,
-                model=_clone_state(model),
+                model=clone_state(model),
                 best=best_state,
                 reference=reference,
                 optimizer=optimizer.state_dict(),
