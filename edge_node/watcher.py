@@ -262,12 +262,20 @@ class Watcher:
             self._sink(r)
 
     def scan(self, root: Path | None = None, via: str = "scan") -> int:
-        """Walk ``root`` (default the inbox) and consider every candidate; returns files seen."""
-        n = 0
+        """Walk ``root`` (default the inbox) and consider every candidate; returns files seen.
+
+        A walk of the whole inbox also forgets files that are gone, so the memory of handled
+        files stays the size of the inbox.
+        """
+        seen: set[str] = set()
         for path in _walk(root or self.inbox):
-            n += 1
+            seen.add(str(path))
             self._consider(path, via)
-        return n
+        if root is None:
+            with self._lock:
+                for key in [k for k in self._done if k not in seen and k not in self._inflight]:
+                    del self._done[key]
+        return len(seen)
 
     def _loop(self) -> None:
         t0 = time.monotonic()

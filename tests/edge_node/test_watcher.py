@@ -201,3 +201,18 @@ def test_polling_only_for_shares_without_events(inbox: Path, sink: Sink) -> None
         sink.none_within(1.2)
     finally:
         w.stop()
+
+
+def test_deleted_files_are_forgotten_and_a_new_file_at_the_same_path_is_seen(
+    inbox: Path, sink: Sink, watcher: Watcher
+) -> None:
+    (inbox / "e.dcm").write_bytes(b"1" * 10)
+    r = sink.get()
+    watcher.finished(r)
+    (inbox / "e.dcm").unlink()
+    wait = time.monotonic() + WAIT
+    while str(r.path) in watcher._done and time.monotonic() < wait:
+        time.sleep(0.05)
+    assert str(r.path) not in watcher._done  # pruned by the periodic scan
+    (inbox / "e.dcm").write_bytes(b"1" * 10)
+    assert sink.get().path == r.path
