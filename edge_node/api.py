@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from edge_node.errors import InputError, LabelError, NodeError
 from edge_node.metrics import render_metrics
-from edge_node.pipeline import model_key
+from edge_node.pipeline import DUPLICATE, model_key
 
 if TYPE_CHECKING:
     from edge_node.daemon import Daemon
@@ -208,7 +208,7 @@ class NodeApi:
         except NodeError as exc:
             path.unlink(missing_ok=True)
             return _error(503, str(exc))
-        if outcome.outcome == "skipped" and outcome.reason == "duplicate_sop_instance_uid":
+        if outcome.outcome == "skipped" and outcome.reason == DUPLICATE:
             path.unlink(missing_ok=True)
             sop = outcome.sop_instance_uid or ""
             rows = await run_in_threadpool(self.node.store.predictions_for, sop)

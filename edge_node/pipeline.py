@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from edge_node.watcher import ReadyFile
 log = logging.getLogger(__name__)
 
 _STOP = object()
+DUPLICATE = "duplicate_sop_instance_uid"  # skip reason of a second file with a known SOP UID
 
 
 @dataclass
@@ -222,25 +223,9 @@ class Pipeline:
             detail = f"{type(exc).__name__}: {exc}"
             return self._finish_unusable(ready, "quarantined", "error", detail, None)
         sop = str(pf.meta.sop_instance_uid)
-        path = str(ready.path)
-        with self._sop_lock:
-            other = self._sops_inflight.get(sop)
-            if other is None:
-                stored = self.store.predicted_path(sop)
-                other = stored if stored != path else None
-            if other is not None and other != path:
-                dup = True
-            else:
-                dup = False
-                self._sops_inflight[sop] = path
-        if dup:
-            return self._finish_unusable(
-                ready,
-                "skipped",
-                "duplicate_sop_instance_uid",
-                "same SOP instance as another file",
-                pf.meta,
-            )
+        if not self._claim_sop(sop, str(ready.path)):
+            why = "same SOP instance as another file"
+            return self._finish_unusable(ready, "skipped", DUPLICATE, why, pf.meta)
         try:
             texture = self._texture(pf.frames) if model.info.needs_texture else None
         except Exception as exc:
@@ -256,6 +241,15 @@ class Pipeline:
             read_ms=pf.read_ms,
             preprocess_ms=pf.preprocess_ms,
         )
+
+    def _claim_sop(self, sop: str, path: str) -> bool:
+        """False when another file with this SOP instance is in flight or already predicted."""
+        with self._sop_lock:
+            other = self._sops_inflight.get(sop) or self.store.predicted_path(sop)
+            if other is not None and other != path:
+                return False
+            self._sops_inflight[sop] = path
+            return True
 
     def _release_sop(self, sop: str) -> None:
         with self._sop_lock:
@@ -336,30 +330,28 @@ class Pipeline:
             detail = f"{type(exc).__name__}: {exc}"
             self._finish_unusable(p.ready, "quarantined", "inference_error", detail, p.meta)
 
-    def _predict_and_store(
-        self, batch: list[Prepared], model: OnnxModel
-    ) -> dict[str, list[dict[str, Any]]]:
+    def _refresh(self, batch: list[Prepared], model: OnnxModel) -> list[Prepared]:
+        """Prepare again the files prepared for a model that was swapped out meanwhile."""
         key = model_key(model, self.preprocess_config)
-        for i, p in enumerate(batch):
-            if p.key != key:  # the model was swapped since this file was prepared
-                redo = self._prepare(p.ready, model)
-                if not isinstance(redo, Prepared):
-                    self._release_sop(str(p.meta.sop_instance_uid))
-                    batch[i] = None  # type: ignore[call-overload]
-                    continue
-                batch[i] = redo
-        batch = [p for p in batch if p is not None]
-        if not batch:
-            return {}
+        out: list[Prepared] = []
+        for p in batch:
+            redo = p if p.key == key else self._prepare(p.ready, model)
+            if isinstance(redo, Prepared):
+                out.append(redo)
+            else:
+                self._release_sop(str(p.meta.sop_instance_uid))
+        return out
+
+    def _infer(
+        self, batch: list[Prepared], model: OnnxModel
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, confidence, P(covid) and ms per slice, in runs of ``slices_per_run``."""
         images = np.stack([f for p in batch for f in p.frames])[:, None, :, :]
-        texture = (
-            np.concatenate([p.texture for p in batch if p.texture is not None])
-            if model.info.needs_texture
-            else None
-        )
+        texture = None
+        if model.info.needs_texture:
+            texture = np.concatenate([p.texture for p in batch if p.texture is not None])
         labels: list[str] = []
-        conf: list[np.ndarray] = []
-        covid: list[np.ndarray] = []
+        conf, covid = np.zeros(len(images), np.float32), np.zeros(len(images), np.float32)
         infer_ms = np.zeros(len(images), np.float64)
         for lo in range(0, len(images), self.slices_per_run):
             hi = lo + self.slices_per_run
@@ -368,18 +360,24 @@ class Pipeline:
             infer_ms[lo:hi] = (time.perf_counter() - t0) * 1000.0 / len(pred)
             self.stats.batch(len(pred))
             labels += pred.labels
-            conf.append(pred.confidence)
-            covid.append(pred.prob_covid)
-        confidence = np.concatenate(conf)
-        prob_covid = np.concatenate(covid)
+            conf[lo:hi], covid[lo:hi] = pred.confidence, pred.prob_covid
+        return labels, conf, covid, infer_ms
+
+    def _predict_and_store(
+        self, batch: list[Prepared], model: OnnxModel
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Predict every frame of ``batch`` and store all files in one transaction."""
+        batch = self._refresh(batch, model)
+        if not batch:
+            return {}
+        labels, confidence, prob_covid, infer_ms = self._infer(batch, model)
         version = model.info.model_version
         records: list[tuple[FileRecord, list[PredictionRow]]] = []
         i = 0
         now = time.monotonic()
         for p in batch:
-            m = p.meta
+            m, path = p.meta, str(p.ready.path)
             rows = []
-            total_ms = (now - p.ready.detected) * 1000.0
             for frame in range(len(p.frames)):
                 pc = float(prob_covid[i])
                 rows.append(
@@ -389,7 +387,7 @@ class Pipeline:
                         series_instance_uid=_opt(m.series_instance_uid),
                         study_instance_uid=_opt(m.study_instance_uid),
                         patient_key=_opt(m.patient_key),
-                        path=str(p.ready.path),
+                        path=path,
                         label=labels[i],
                         confidence=float(confidence[i]),
                         prob_covid=None if np.isnan(pc) else pc,
@@ -397,34 +395,24 @@ class Pipeline:
                         read_ms=p.read_ms,
                         preprocess_ms=p.preprocess_ms,
                         infer_ms=float(infer_ms[i]),
-                        total_ms=total_ms,
+                        total_ms=(now - p.ready.detected) * 1000.0,
                     )
                 )
                 i += 1
-            rec = FileRecord(
-                str(p.ready.path),
-                p.ready.size,
-                p.ready.mtime,
-                str(m.sop_instance_uid),
-                "predicted",
-                None,
-                len(p.frames),
-            )
+            sop, size, n = str(m.sop_instance_uid), p.ready.size, len(p.frames)
+            rec = FileRecord(path, size, p.ready.mtime, sop, "predicted", None, n)
             records.append((rec, rows))
         ids = self.store.record_files(records)
-        out: dict[str, list[dict[str, Any]]] = {}
-        for (rec, rows), row_ids in zip(records, ids, strict=True):
-            out[rec.path] = [
-                {"id": rid, **{k: getattr(r, k) for k in r.__dataclass_fields__}}
-                for rid, r in zip(row_ids, rows, strict=True)
-            ]
         for p in batch:
             self._release_sop(str(p.meta.sop_instance_uid))
             self.stats.count("predicted", None)
             self.stats.observe_ms((time.monotonic() - p.ready.detected) * 1000.0, len(p.frames))
             self._safe_finish(p.ready)
-        log.debug("batch: %d files, %d slices, model %s", len(batch), len(images), version)
-        return out
+        log.debug("batch: %d files, %d slices, model %s", len(batch), len(labels), version)
+        return {
+            rec.path: [{"id": rid, **asdict(r)} for rid, r in zip(row_ids, rows, strict=True)]
+            for (rec, rows), row_ids in zip(records, ids, strict=True)
+        }
 
 
 def _opt(v: Any) -> str | None:
