@@ -170,6 +170,7 @@ def test_inference_path_never_imports_torch() -> None:
     """The predict-only workstation must not need torch (nor pay its import time)."""
     code = (
         "import edge_node.daemon, edge_node.cli_predict, edge_node.api, edge_node.pipeline, sys;"
+        "from fedscan.cli import build_parser; build_parser('node'); build_parser('predict');"
         "assert 'torch' not in sys.modules, 'torch imported';"
         "assert 'skimage' not in sys.modules, 'scikit-image imported eagerly'"
     )
