@@ -2,7 +2,7 @@
 
     fedscan experiment --dataset DIR --nodes 3 --partition iid|label_skew|size_skew
         --json OUT.json [--seeds 0,1,2] [--arch cnn2d] [--rounds R] [--local-epochs E]
-        [--lr LR] [--batch-size B] [--threads T] [--cache-dir DIR] [--work-dir DIR]
+        [--lr LR] [--batch-size B] [--jobs J] [--threads T] [--cache-dir DIR] [--work-dir DIR]
 
 ``DIR``: the UCSD COVID-CT folder or class folders (imported once as DICOM into the cache), or a
 folder with an ``index.csv`` (e.g. from ``fedscan dataset synthetic``). Prints a markdown table.
@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         augment=not args.no_augment,
         threads=args.threads,
+        jobs=args.jobs,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         work_dir=Path(args.work_dir) if args.work_dir else None,
     )
@@ -84,7 +85,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--val-fraction", type=float, default=0.1, help="local validation patients")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--cache-dir", help="where the dataset is imported (default ~/.cache/fedscan)")
     p.add_argument("--work-dir", help="label books, weights, caches (default beside --json)")
     p.add_argument("--verbose", action="store_true", help="keep the trainer's per-epoch logs")

@@ -25,7 +25,8 @@ class ExperimentConfig:
     batch_size: int = 16
     val_fraction: float = 0.1  # the trainer's local validation share of patients (best epoch)
     augment: bool = True
-    threads: int = 2  # torch threads (the whole run is sequential)
+    threads: int = 1  # torch threads of each training
+    jobs: int = 2  # trainings run at once (one arm of one seed each), in worker processes
     cache_dir: Path | None = None  # imported dataset (DICOM + index.csv); default under ~/.cache
     work_dir: Path | None = None  # label books, weights, trainer cache; default beside json_out
 
@@ -42,8 +43,8 @@ class ExperimentConfig:
             raise ExperimentError("rounds, local epochs, batch size and lr must be positive")
         if not 0.0 < self.val_fraction < 1.0:
             raise ExperimentError("val_fraction must be in (0, 1)")
-        if self.threads < 1:
-            raise ExperimentError("--threads must be >= 1")
+        if self.threads < 1 or self.jobs < 1:
+            raise ExperimentError("--threads and --jobs must be >= 1")
 
     @property
     def total_epochs(self) -> int:

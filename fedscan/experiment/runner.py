@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from fedscan.experiment import arms
 from fedscan.experiment.config import ExperimentConfig
 from fedscan.experiment.data import ensure_index, eval_samples, load_rows, write_label_book
 from fedscan.experiment.partition import class_shares, partition
+from fedscan.experiment.tasks import ARMS, Task, run_task
 from fl_protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -63,51 +66,76 @@ def _mean_metrics(ms: Sequence[Metrics]) -> dict[str, float | None]:
     return out
 
 
-def run_seed(config: ExperimentConfig, seed: int, ctx_parts: dict[str, Any]) -> dict[str, Any]:
-    """One seed: partition, label books, initial weights, and the three arms."""
-    pool, base, test = ctx_parts["pool"], ctx_parts["base"], ctx_parts["test"]
+def prepare_seed(config: ExperimentConfig, seed: int, parts: dict[str, Any]) -> list[Task]:
+    """Partition, label books and initial weights of one seed; its three tasks."""
+    pool, base = parts["pool"], parts["base"]
     work = config.work / f"seed-{seed}"
     hospitals = partition(pool, config.nodes, config.partition, seed)
-    books = {
-        h.name: write_label_book(work / "books" / f"{h.name}.sqlite", h.rows, base)
+    books = tuple(
+        (h.name, write_label_book(work / "books" / f"{h.name}.sqlite", h.rows, base))
         for h in hospitals
-    }
+    )
     pooled = write_label_book(work / "books" / "pooled.sqlite", pool, base)
     init = arms.initial_weights(config.arch, seed, work / "global_v0.safetensors")
-    ctx = arms.SeedContext(config, seed, work, config.work / "trainer-state", init, test)
-    timings: dict[str, float] = {}
+    parts.setdefault("hospitals", {})[seed] = [h.summary() for h in hospitals]
+    return [
+        Task(
+            seed,
+            arm,
+            config,
+            work,
+            books,
+            pooled,
+            init,
+            parts["pool_cache"],
+            parts["eval_cache"],
+            tuple(parts["test_rows"]),
+            base,
+        )
+        for arm in ARMS
+    ]
 
-    t0 = time.perf_counter()
-    local = arms.local_only(ctx, books)
-    timings["local_only_s"] = time.perf_counter() - t0
-    _progress(seed, "local-only", local, timings["local_only_s"])
 
-    fed = arms.fedavg(ctx, books)
-    timings["fedavg_s"] = fed.seconds
-    _progress(seed, "FedAvg", {"global": fed.metrics}, fed.seconds)
+def _progress(out: Mapping[str, Any]) -> None:
+    if out["arm"] == "local_only":
+        accs = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in out["hospitals"].items())
+    else:
+        accs = f"{100 * out['metrics']['accuracy']:.1f}%"
+    print(f"seed {out['seed']}: {out['arm']} done in {out['seconds']:.0f} s ({accs})", flush=True)
 
-    t0 = time.perf_counter()
-    central = arms.centralized(ctx, pooled)
-    timings["centralized_s"] = time.perf_counter() - t0
-    _progress(seed, "centralized", {"pooled": central}, timings["centralized_s"])
 
+def run_tasks(tasks: Sequence[Task], jobs: int) -> list[dict[str, Any]]:
+    """Every task, ``jobs`` at a time (in this process when ``jobs`` is 1)."""
+    if jobs <= 1:
+        results = []
+        for task in tasks:
+            results.append(run_task(task))
+            _progress(results[-1])
+        return results
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_task, t) for t in tasks]
+        for fut in as_completed(futures):
+            _progress(fut.result())
+        return [f.result() for f in futures]
+
+
+def seed_record(seed: int, hospitals: Any, results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One seed's results in the JSON's ``runs`` shape."""
+    by_arm = {r["arm"]: r for r in results if r["seed"] == seed}
+    local = {n: Metrics.from_dict(m) for n, m in by_arm["local_only"]["hospitals"].items()}
     best = max(local, key=lambda name: local[name].accuracy)
     return {
         "seed": seed,
-        "hospitals": [h.summary() for h in hospitals],
-        "local_only": {name: m.to_dict() for name, m in local.items()},
+        "hospitals": hospitals,
+        "local_only": {n: m.to_dict() for n, m in local.items()},
         "local_only_mean": _mean_metrics(list(local.values())),
         "best_hospital": {"name": best, **local[best].to_dict()},
-        "fedavg": fed.metrics.to_dict(),
-        "fedavg_per_round_accuracy": list(fed.per_round),
-        "centralized": central.to_dict(),
-        "timings": timings,
+        "fedavg": by_arm["fedavg"]["metrics"],
+        "fedavg_per_round_accuracy": by_arm["fedavg"]["per_round"],
+        "centralized": by_arm["centralized"]["metrics"],
+        "timings": {f"{arm}_s": by_arm[arm]["seconds"] for arm in ARMS},
     }
-
-
-def _progress(seed: int, arm: str, results: Mapping[str, Metrics], seconds: float) -> None:
-    accs = ", ".join(f"{k} {100 * m.accuracy:.1f}%" for k, m in results.items())
-    print(f"seed {seed}: {arm} done in {seconds:.0f} s ({accs})", flush=True)
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -182,18 +210,25 @@ def markdown(doc: Mapping[str, Any]) -> str:
 
 def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     """Everything; writes ``config.json_out`` and returns the document."""
-    import torch
-
-    torch.set_num_threads(config.threads)
     t_start = time.perf_counter()
     index = ensure_index(config.dataset, config.cache_dir)
     pool, test_rows, base = load_rows(index)
     config.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    test = eval_samples(test_rows, base, config.work / "eval-cache")
-    print(f"test set: {len(test)} slices ({time.perf_counter() - t0:.0f} s to load)", flush=True)
-    parts = {"pool": pool, "base": base, "test": test}
-    runs = [run_seed(config, seed, parts) for seed in config.seeds]
+    parts: dict[str, Any] = {
+        "pool": pool,
+        "base": base,
+        "test_rows": test_rows,
+        "pool_cache": config.work / "pool-cache",
+        "eval_cache": config.work / "eval-cache",
+    }
+    eval_samples(test_rows, base, parts["eval_cache"])  # warm both caches once
+    eval_samples(pool, base, parts["pool_cache"])
+    print(f"{len(pool)} pool and {len(test_rows)} test slices preprocessed "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    tasks = [t for seed in config.seeds for t in prepare_seed(config, seed, parts)]
+    results = run_tasks(tasks, config.jobs)
+    runs = [seed_record(s, parts["hospitals"][s], results) for s in config.seeds]
     doc: dict[str, Any] = {
         "schema": "fedscan.experiment/1",
         "config": config.describe(),

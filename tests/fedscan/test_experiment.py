@@ -68,7 +68,8 @@ def test_tiny_experiment_runs_all_arms_and_writes_json(
     out = tmp_path / "exp.json"
     rc = main(
         ["experiment", "--dataset", str(data), "--json", str(out), "--seeds", "0",
-         "--rounds", "1", "--local-epochs", "1", "--threads", "1", "--partition", "size_skew"]
+         "--rounds", "1", "--local-epochs", "1", "--threads", "1", "--jobs", "1",
+         "--partition", "size_skew"]
     )  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())
