@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_node.config import PreprocessConfig
-from edge_node.errors import InputError, NodeError, SkippedInput
+from edge_node.errors import InputError, NodeError, SkippedInput, StoreError
 from edge_node.inference import ModelHolder, OnnxModel
 from edge_node.metrics import PipelineStats
 from edge_node.quarantine import Quarantine, path_tag
@@ -296,10 +296,15 @@ class Pipeline:
                 continue
             try:
                 self._predict_and_store(batch, model)
+            except StoreError as exc:  # the state, not the files: the next start redoes them
+                log.error("outcomes of %d file(s) not stored: %s", len(batch), exc)
             except Exception:
                 log.exception("inference batch of %d files failed; retrying one by one", len(batch))
                 for p in batch:
-                    self._predict_alone(p, model)
+                    try:
+                        self._predict_alone(p, model)
+                    except Exception:  # this thread must outlive any one file
+                        log.exception("file %s: no outcome stored", path_tag(p.ready.path))
 
     def _gather(self, batch: list[Prepared]) -> int:
         """Add already-prepared files to ``batch`` (briefly waiting only during a burst)."""

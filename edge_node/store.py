@@ -7,6 +7,8 @@ processes (``fedscan node label``, the trainer) see committed rows thanks to WAL
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -18,7 +20,14 @@ from typing import Any
 
 from edge_node.errors import StoreError
 
+log = logging.getLogger(__name__)
+
 OUTCOMES: tuple[str, ...] = ("predicted", "skipped", "quarantined")
+
+# Write failures an outcome waits out instead of being lost (primary SQLite result codes):
+# BUSY, LOCKED, READONLY (disk remounted), IOERR (short write), FULL (no space left).
+TRANSIENT_SQLITE_CODES = frozenset({5, 6, 8, 10, 13})
+WRITE_RETRY_MAX_S = 10.0  # back-off cap between attempts of a write that keeps failing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -135,6 +144,9 @@ class Store:
                     raise
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                if self._conn.in_transaction:  # e.g. COMMIT failed on a full disk
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise StoreError(f"state database write failed: {exc}") from exc
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -159,7 +171,24 @@ class Store:
 
         A prediction for a (sop_instance_uid, frame) already stored is replaced (the same slice
         sent again, e.g. through the API after a model update): one row per slice, ever.
+        A transient failure (disk full, read-only remount, lock) is logged and retried with
+        back-off until it succeeds or the store is closed: outcomes wait, none is lost.
         """
+        delay = 0.25
+        while True:
+            try:
+                return self._record_files_once(items)
+            except StoreError as exc:
+                code = getattr(exc.__cause__, "sqlite_errorcode", None)
+                if code is None or code & 0xFF not in TRANSIENT_SQLITE_CODES or self._closed:
+                    raise
+                log.error("%s; %d file outcome(s) wait, retrying in %.1f s", exc, len(items), delay)
+                time.sleep(delay)
+                delay = min(2.0 * delay, WRITE_RETRY_MAX_S)
+
+    def _record_files_once(
+        self, items: Sequence[tuple[FileRecord, Sequence[PredictionRow]]]
+    ) -> list[list[int]]:
         now = time.time()
         out: list[list[int]] = []
         cols = ", ".join(_PRED_COLS)
