@@ -288,6 +288,11 @@ class ModelSync:
             self._failed.add(manifest.version)
             log.error("global model %d not installed: %s", manifest.version, exc)
             return None
+        except OSError as exc:  # model dir read-only or full: a later offer tries again
+            log.error("global model %d not installed: cannot write %s: %s; still serving %s",
+                      manifest.version, exc.filename, exc.strerror or exc,
+                      self.state.served_version)  # fmt: skip
+            return None
         finally:
             reasm.discard()
 
@@ -326,7 +331,7 @@ class ModelSync:
             and new_acc < served_acc - margin
         )
         # From here on this version is ours: training starts from it even if not served.
-        os.replace(weights, self.global_weights)
+        copy_atomic(weights, self.global_weights)  # state_dir may be another filesystem
         self.guard.accept_global(version)
         self.state.installed_version = version
         if refuse:
@@ -382,7 +387,7 @@ class ModelSync:
         current = self.current_onnx
         if current.is_file():
             copy_atomic(current, self.model_dir / PREVIOUS_ONNX)
-        os.replace(onnx_tmp, current)
+        copy_atomic(onnx_tmp, current)  # a rename across filesystems fails (EXDEV)
         fd = os.open(self.model_dir, os.O_RDONLY)
         try:
             os.fsync(fd)
