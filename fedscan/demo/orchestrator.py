@@ -74,6 +74,7 @@ class Paths:
 def prepare_out(out: Path) -> Paths:
     """Create ``out``; a folder from an earlier demo is reused (its run folders are cleared,
     the generated data and caches kept); any other non-empty folder is refused."""
+    out = out.resolve()  # nodes store absolute inbox paths; so do we
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise DemoError(f"{out} exists and is not a fedscan demo folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +371,7 @@ class Demo:
         from coordinator.state import State
 
         c = self.config
-        test = ev.load_test_set(plan.test, plan.base, c.out / "eval-cache")
+        test = ev.load_test_set(plan.test, plan.base, self.paths.out / "eval-cache")
         state = State(self.paths.coordinator_state, readonly=True)
         try:
             versions = state.versions()

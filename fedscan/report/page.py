@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedscan.report.results import ReportResults
+from fedscan.report.results import ReportResults, RoundPoint
 from fedscan.report.table import header, rows
 
 CSS = """
@@ -64,6 +64,22 @@ def _records_table(records: Sequence[Mapping[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.1f}"
+
+
+def _round_record(r: RoundPoint) -> dict[str, Any]:
+    reported = ", ".join(f"{node} {_pct(acc)}" for node, acc in sorted(r.reported.items()))
+    return {
+        "round": r.round,
+        "global version": f"v{r.version}",
+        "updates aggregated": r.accepted if r.round else "-",
+        "test accuracy %": _pct(r.test_accuracy),
+        "nodes' accuracy on local validation %": reported or "-",
+        "weighted %": _pct(r.weighted_reported),
+    }
+
+
 def _paper_table(results: ReportResults) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header())
     body = []
@@ -116,7 +132,7 @@ def render(
     if accuracy_png:
         parts += ["<h2>Accuracy per round</h2>", _figure(accuracy_png, "accuracy per round")]
         if results.rounds:
-            parts.append(_records_table([r.to_dict() for r in results.rounds]))
+            parts.append(_records_table([_round_record(r) for r in results.rounds]))
     if roc_png:
         parts += ["<h2>ROC curves</h2>", _figure(roc_png, "ROC curves", 520)]
     if confusion_pngs:
