@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
+from fl_protocol.chunking import split
+from fl_protocol.schemas import GlobalManifest
 from tests.helpers.dicom_factory import sample_path, write_ct
 from tests.helpers.onnx_models import make_classifier
 from tests.integration.fault_helpers import audit_cli, check_sqlite, one_prediction_per_slice
@@ -58,11 +60,10 @@ def remount(path: Path, mode: str) -> None:
 def fill(folder: Path) -> Path:
     """Write one file until the filesystem says ENOSPC; returns it (delete it to free space)."""
     filler = folder / "filler.bin"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 16384)
-                f.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
     return filler
@@ -171,10 +172,9 @@ def test_inbox_on_a_full_disk_truncated_file_is_quarantined_then_resent(
             node.kill()
 
 
-def _global_manifest(version: int, weights: dict[str, np.ndarray]) -> tuple[object, list[bytes]]:
-    from fl_protocol.chunking import split
-    from fl_protocol.schemas import GlobalManifest
-
+def _global_manifest(
+    version: int, weights: dict[str, np.ndarray]
+) -> tuple[GlobalManifest, list[bytes]]:
     meta = {"arch": "cnn2d", "texture_dim": "0", "version": str(version), "init": "random"}
     payload, chunks = split(bytes(st_save(weights, metadata=meta)), 64 * 1024)
     manifest = GlobalManifest(
@@ -216,12 +216,16 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
     holder = ModelHolder(intra_op_threads=1)
     with tmpfs(cfg.paths.model_dir, "64m") as model_dir:
         holder.swap(make_classifier(model_dir / "current.onnx", version="1"))
-        sync = ModelSync(cfg, InProcessCompute(), lambda path, _v: holder.swap(path))
+
+        def swap_in(path: Path, _version: int) -> None:
+            holder.swap(path)
+
+        sync = ModelSync(cfg, InProcessCompute(), swap_in)
         before = sorted(p.name for p in model_dir.iterdir())
         remount(model_dir, "ro")
         manifest, chunks = _global_manifest(2, weights)
-        sync.check_manifest(manifest)  # type: ignore[arg-type]
-        assert sync.offer(manifest)  # type: ignore[arg-type]
+        sync.check_manifest(manifest)
+        assert sync.offer(manifest)
         for i, chunk in enumerate(chunks):
             sync.add_chunk(2, i, chunk)
         with caplog.at_level(logging.ERROR):
@@ -235,7 +239,7 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
         assert sync.state.installed_version is None and sync.state.served_version is None
 
         remount(model_dir, "rw")
-        assert sync.offer(manifest)  # type: ignore[arg-type]  # a redelivery retries
+        assert sync.offer(manifest)  # a redelivery retries
         for i, chunk in enumerate(chunks):
             sync.add_chunk(2, i, chunk)
         installed = sync.complete()
