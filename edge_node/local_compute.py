@@ -166,7 +166,7 @@ def _serve(threads: int, nice: int, idle_exit_s: float) -> int:
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
     # Import what jobs need while there is no job yet: the first one then starts at once.
-    for module in ("edge_node.trainer", "export.onnx_export", "export.weights"):
+    for module in ("edge_node.trainer", "export.zoo", "export.onnx_export", "export.weights"):
         importlib.import_module(module)
 
     log.info("compute worker ready")

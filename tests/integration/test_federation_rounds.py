@@ -36,6 +36,7 @@ from coordinator.service import read_broker_port
 from coordinator.state import State
 from edge_node.preprocess import patient_key
 from edge_node.split import VAL, side_of
+from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
 from tests.edge_node.train_helpers import write_slice
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
 from tests.integration.mosquitto import Mosquitto
@@ -72,7 +73,21 @@ def wait_for(
 # -- coordinator ---------------------------------------------------------------------------------
 
 
-def write_coordinator(folder: Path, broker_url: str | None, nodes: str, **rounds: Any) -> Path:
+def make_keys(keys: Path, nodes: str) -> None:
+    """Ed25519 keys as a provisioning kit lays them out: the coordinator's pair, each node's
+    pair, and the coordinator's trusted ``nodes/<id>.pub``."""
+    (keys / "nodes").mkdir(parents=True, exist_ok=True)
+    for name in ("coordinator", *nodes):
+        private, public = generate_keypair()
+        save_private_key(private, keys / f"{name}.key")
+        save_public_key(public, keys / f"{name}.pub")
+        if name != "coordinator":
+            save_public_key(public, keys / "nodes" / f"{name}.pub")
+
+
+def write_coordinator(
+    folder: Path, broker_url: str | None, nodes: str, keys: Path | None = None, **rounds: Any
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     broker = f'url = "{broker_url}"' if broker_url else "embedded_port = 0"
     params: dict[str, Any] = {
@@ -90,8 +105,11 @@ def write_coordinator(folder: Path, broker_url: str | None, nodes: str, **rounds
     params.update(rounds)
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
     path = folder / "coordinator.toml"
+    signing = ""
+    if keys is not None:
+        signing = f'signing_key = "{keys}/coordinator.key"\nnode_keys_dir = "{keys}/nodes"\n'
     path.write_text(
-        f'federation = "{FEDERATION}"\nstate_dir = "state"\n[broker]\n{broker}\n'
+        f'federation = "{FEDERATION}"\nstate_dir = "state"\n{signing}[broker]\n{broker}\n'
         f'[model]\narch = "cnn2d"\n[rounds]\n{lines}\n'
     )
     cfg = load_config(path)
@@ -168,7 +186,13 @@ class Coordinator:
 # -- nodes ---------------------------------------------------------------------------------------
 
 
-def node_toml(node_id: str, broker_url: str) -> str:
+def node_toml(node_id: str, broker_url: str, keys: Path | None) -> str:
+    signing = ""
+    if keys is not None:
+        signing = (
+            f'signing_key = "{keys}/{node_id}.key"\n'
+            f'coordinator_public_key = "{keys}/coordinator.pub"\n'
+        )
     return f"""node_id = "{node_id}"
 [paths]
 inbox = "inbox"
@@ -192,7 +216,7 @@ nice = 5
 enabled = true
 federation = "{FEDERATION}"
 broker = "{broker_url}"
-"""
+{signing}"""
 
 
 def labelled_inbox(inbox: Path, node_id: str) -> list[str]:
@@ -219,9 +243,11 @@ def labelled_inbox(inbox: Path, node_id: str) -> list[str]:
 class FedNode(NodeProcess):
     """A `fedscan node run` daemon that gets its model from the federation."""
 
-    def __init__(self, folder: Path, node_id: str, broker_url: str) -> None:
+    def __init__(
+        self, folder: Path, node_id: str, broker_url: str, keys: Path | None = None
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "node.toml").write_text(node_toml(node_id, broker_url))
+        (folder / "node.toml").write_text(node_toml(node_id, broker_url, keys))
         super().__init__(folder)
         self.node_id = node_id
         self.uids = labelled_inbox(self.inbox, node_id)
@@ -297,9 +323,13 @@ def check_serves_v2(node: FedNode, first_version: str = "0") -> None:
 def test_three_nodes_complete_two_rounds_on_mosquitto_and_a_killed_node_counts_once(
     tmp_path: Path, mosquitto: Mosquitto, cleanup: list[Any]
 ) -> None:
+    """Signed both ways: the coordinator signs global manifests (nodes verify them), each node
+    signs its updates (the coordinator trusts only the nodes' provisioned keys)."""
     url = f"mqtt://127.0.0.1:{mosquitto.port}"
-    coord = Coordinator(write_coordinator(tmp_path / "coordinator", url, "abc"))
-    nodes = {n: FedNode(tmp_path / n, n, url) for n in "abc"}
+    keys = tmp_path / "keys"
+    make_keys(keys, "abc")
+    coord = Coordinator(write_coordinator(tmp_path / "coordinator", url, "abc", keys))
+    nodes = {n: FedNode(tmp_path / n, n, url, keys) for n in "abc"}
     logs = logs_of(coord, nodes)
     cleanup.append(coord.start())
     for node in nodes.values():
@@ -325,6 +355,7 @@ def test_three_nodes_complete_two_rounds_on_mosquitto_and_a_killed_node_counts_o
     assert b.outbox_rounds() == []
     for node in nodes.values():
         check_serves_v2(node)
+        assert "accepted without checking their signature" not in node.log.read_text()
         assert node.terminate() == 0
 
 
