@@ -183,6 +183,9 @@ class FederationClient:
         """Publish "offline", disconnect, and stop the worker (pending updates stay on disk)."""
         self._stop.set()
         self._events.put(_STOP)
+        # A running training or export is interrupted (the trainer resumes from its checkpoint
+        # next time), so shutting the daemon down never waits for a job.
+        self.compute.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -201,7 +204,6 @@ class FederationClient:
         try:
             self.transport.disconnect()
         finally:
-            self.compute.close()
             self.sync.close()
 
     def _run(self) -> None:

@@ -199,8 +199,11 @@ class WorkerCompute:
         self.idle_exit_s = idle_exit_s
         self._proc: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def _child(self) -> subprocess.Popen[str]:
+        if self._closed:
+            raise OSError("the compute worker is closed")
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         from edge_node.train_worker import worker_env
@@ -234,34 +237,43 @@ class WorkerCompute:
         with self._lock:
             self._child()
 
-    def _call(self, request: dict[str, Any], error: type[NodeError]) -> Any:
-        with self._lock:
+    def _send(self, request: dict[str, Any]) -> subprocess.Popen[str]:
+        """Write ``request`` to a live child (starting one, or another if it just exited)."""
+        for _attempt in range(2):
             proc = self._child()
-            if proc.stdin is None or proc.stdout is None:
-                raise error("compute worker has no pipes")
+            if proc.stdin is None:
+                raise OSError("compute worker has no stdin")
             try:
                 proc.stdin.write(json.dumps(request) + "\n")
                 proc.stdin.flush()
-            except (BrokenPipeError, OSError):  # it exited idle just now: start a new one
+                return proc
+            except OSError:  # exited (idle) just now
                 self._proc = None
-                proc = self._child()
-                if proc.stdin is None or proc.stdout is None:
-                    raise error("compute worker has no pipes") from None
-                proc.stdin.write(json.dumps(request) + "\n")
-                proc.stdin.flush()
-            out = proc.stdout
-            if out is None:
-                raise error("compute worker has no pipes")
-            for line in out:
-                if line.startswith(RESULT_MARK):
-                    answer = json.loads(line[len(RESULT_MARK) :])
-                    if not answer.get("ok"):
-                        raise error(str(answer.get("error", "compute job failed")))
-                    return answer["result"]
-                log.info("worker: %s", line.rstrip("\n"))
-            rc = proc.wait()
-            self._proc = None
-            raise error(f"compute worker exited (code {rc}) during a {request['op']} job")
+        raise OSError("the compute worker does not accept jobs")
+
+    def _call(self, request: dict[str, Any], error: type[NodeError]) -> Any:
+        with self._lock:
+            for _attempt in range(2):
+                try:
+                    proc = self._send(request)
+                except OSError as exc:
+                    raise error(f"cannot run a {request['op']} job: {exc}") from exc
+                if proc.stdout is None:
+                    raise error("compute worker has no stdout")
+                for line in proc.stdout:
+                    if line.startswith(RESULT_MARK):
+                        answer = json.loads(line[len(RESULT_MARK) :])
+                        if not answer.get("ok"):
+                            raise error(str(answer.get("error", "compute job failed")))
+                        return answer["result"]
+                    log.info("worker: %s", line.rstrip("\n"))
+                rc = proc.wait()
+                self._proc = None
+                if rc != 0 or self._closed:
+                    raise error(f"compute worker exited (code {rc}) during a {request['op']} job")
+                # exit 0 without an answer: it left on its idle timeout as the job arrived
+                log.info("compute worker had just left (idle); starting a new one")
+            raise error(f"compute worker did not take the {request['op']} job")
 
     def train(self, job: TrainJob) -> TrainResult:
         return TrainResult.from_dict(
@@ -277,6 +289,7 @@ class WorkerCompute:
         return Path(d["path"])
 
     def close(self) -> None:
+        self._closed = True
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
