@@ -235,6 +235,12 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         raise input_error(
             PixelDecodeError, "pixel_decode", f"{_ts_name(ts)} decode failed: {_short(exc)}"
         ) from exc
+    except BaseException as exc:  # Rust decoders (pylibjpeg-rle) panic on bad data: pyo3's
+        if type(exc).__name__ != "PanicException":  # PanicException is a BaseException
+            raise
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"{_ts_name(ts)} decoder panicked: {_short(exc)}"
+        ) from exc
     return _frames_first(ds, arr)
 
 
