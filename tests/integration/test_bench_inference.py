@@ -20,9 +20,12 @@ def test_missing_benchmark_module_is_a_clear_error(capsys: pytest.CaptureFixture
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_inference_bench_writes_every_figure(tmp_path: Path) -> None:
+def test_inference_bench_writes_every_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Tiny settings (a few slices, short timings): the JSON has the figures README quotes."""
     pytest.importorskip("timm")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the bench sets, undone afterwards
     out = tmp_path / "inference.json"
     rc = main(
         [
@@ -48,5 +51,6 @@ def test_inference_bench_writes_every_figure(tmp_path: Path) -> None:
     for arch in ("resnet18", "efficientnet_b0"):
         for b in ("b1", "b16"):
             assert r["ort_vs_torch"][arch][b]["max_abs_logit_diff"] < 1e-3
+            assert set(r["ort_vs_torch"][arch][b]["torch_eager"]) == {"threads_1"}
     assert r["series"]["n"] == 12 and r["file_to_prediction"]["n"] == 4
     assert r["node_exit_code"] == 0
