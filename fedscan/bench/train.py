@@ -193,7 +193,7 @@ def run_config(
     import torch
 
     from edge_node.texture import TEXTURE_DIM
-    from edge_node.trainer import class_weights, clone_state, train_epoch, validate
+    from edge_node.train_loop import class_weights, clone_state, train_epoch, validate
     from export.zoo import create_model
 
     t_start = time.perf_counter()

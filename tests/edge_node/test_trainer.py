@@ -28,6 +28,7 @@ from edge_node.trainer import (
     evaluate,
     initial_model,
     load_split,
+    train_epoch,
     train_once,
 )
 from export.weights import load_weights, read_metadata, save_weights
@@ -184,9 +185,9 @@ def test_early_stopping_keeps_the_best_epoch(node: LabelledNode, tmp_path: Path)
     result = train_once(job)
     history = json.loads(result.metrics_path.read_text())["epochs"]
     val_losses = [e["val_loss"] for e in history]
-    assert result.epochs_run < 8
+    assert result.epochs_run < 8  # the data and seed are fixed: this run does stop early
     assert result.best_epoch == 1 + int(np.argmin(val_losses))
-    assert result.epochs_run == result.best_epoch + 1
+    assert result.epochs_run == result.best_epoch + 1  # patience 1
     data = load_split(job, texture=False)
     assert (
         evaluate(result.weights_path, data.val).to_dict() == history[result.best_epoch - 1]["val"]
@@ -285,3 +286,15 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
     assert resumed.val_metrics == reference.val_metrics
+
+
+def test_a_diverging_training_stops_with_a_clear_error(node: LabelledNode, tmp_path: Path) -> None:
+    """Non-finite loss (here: an infinite classifier weight) is an error, not NaN weights."""
+    job = make_job(node, tmp_path)
+    model = initial_model(job)
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    data = load_split(job, texture=False)
+    with pytest.raises(TrainingError, match="diverged"):
+        train_epoch(model, optimizer, data.train, batch_size=4, generator=torch.Generator())

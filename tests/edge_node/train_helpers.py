@@ -32,7 +32,9 @@ def write_slice(src: Path, dst: Path, *, patient_id: str, covid: bool, seed: int
             stored[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] += 500
     stored += rng.integers(-20, 21, size=stored.shape)
     ds.PixelData = np.clip(stored, -2000, 2492).astype("<i2").tobytes()
-    uid = generate_uid()
+    # deterministic UIDs: the label book lists slices by UID, so the sample order (and with it a
+    # seeded training trajectory) is the same in every test session
+    uid = generate_uid(entropy_srcs=[patient_id, str(seed), dst.name, "sop"])
     ds.SOPInstanceUID = uid
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.PatientID = patient_id

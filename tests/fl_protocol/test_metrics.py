@@ -78,7 +78,7 @@ def labelled_scores(draw):
     return y_true, y_pred, y_score
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(labelled_scores())
 def test_random_cases_agree_with_sklearn(case):
     """Any labels, predictions and tied scores: every metric equals scikit-learn's."""
@@ -147,7 +147,7 @@ def test_bad_inputs_are_refused(y_true, y_pred, y_score):
         classification_metrics(y_true, y_pred, y_score)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(labelled_scores())
 def test_roc_curve_matches_sklearn_and_integrates_to_auc(case):
     """The report's ROC points are sklearn's (no point dropped) and their area is the AUC."""
