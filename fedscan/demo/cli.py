@@ -57,7 +57,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--nodes", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
-    p.add_argument("--local-epochs", type=int, default=1, help="epochs per round (default 1)")
+    p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(

@@ -17,7 +17,7 @@ class DemoConfig:
     nodes: int = 3  # hospitals (edge node processes)
     rounds: int = 3  # federated rounds
     arch: str = "cnn2d"  # export.zoo registry name
-    local_epochs: int = 1  # epochs per node per round
+    local_epochs: int = 2  # epochs per node per round
     lr: float = 1e-3
     batch_size: int = 16
     labelled_per_node: int | None = 120  # labelled slices per hospital (None: all of --dataset)

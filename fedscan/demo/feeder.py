@@ -95,6 +95,10 @@ class Feeder:
         self._thread: threading.Thread | None = None
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 

@@ -190,10 +190,10 @@ class Demo:
             if not d.labelled:
                 self.truth.setdefault(d.node, {})[str(d.dst)] = label_of[str(d.src)]
         self.feeder = Feeder(drops, paths.out / "staging")
-        self.feeder.start()
         print(
             f"broker 127.0.0.1:{self.broker_port}, coordinator and {c.nodes} nodes started "
-            f"(logs in {paths.logs}); a node trains once it has {labels_needed} labels"
+            f"(logs in {paths.logs}); slices arrive once every node serves the first global "
+            f"model; a node trains once it has {labels_needed} labels"
         )
 
     def _views(self) -> tuple[list[progress.NodeView], progress.CoordinatorView]:
@@ -246,6 +246,7 @@ class Demo:
         if coord is None:
             raise DemoError("no coordinator")
         deadline = time.monotonic() + self.config.timeout_s
+        feeder = self.feeder
         while coord.poll() is None:
             self._check_children()
             if time.monotonic() > deadline:
@@ -254,8 +255,13 @@ class Demo:
                     f"the federation did not finish within {self.config.timeout_s:.0f} s; "
                     f"coordinator log:\n{coord.log_tail()}"
                 )
-            self._draw("federating")
+            views, _ = self._draw("federating")
+            # Slices arrive once every node serves a model, so each is predicted on arrival.
+            if feeder is not None and not feeder.started and all(v.model != "-" for v in views):
+                feeder.start()
             time.sleep(POLL_S)
+        if feeder is not None and not feeder.started:
+            feeder.start()  # the rounds ended first: deliver anyway, the nodes predict them
         self._draw("rounds done", final=True)
         if coord.poll() != 0:
             raise DemoError(f"the coordinator exited with code {coord.poll()}:\n{coord.log_tail()}")
@@ -425,6 +431,10 @@ class Demo:
             "Every model is scored on the same held-out test set: slices of patients that no "
             "node ever had a label for (they reached the inboxes unlabelled, and were only "
             "predicted).",
+            f"Slices reached the inboxes over {c.feed_seconds:g} s once every node served the "
+            f"first global model; in each round a node trained on the labels it held then (at "
+            f"least {self.labels_needed}), so early rounds saw part of the data. The local-only "
+            "baselines were trained afterwards, on every label of their hospital.",
             "Round 0 is the random initial global model; the dashed lines are each node's own "
             "evaluation of the global model it received, on its local validation patients, as "
             "reported to the coordinator over MQTT.",
