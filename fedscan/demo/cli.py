@@ -1,7 +1,7 @@
 """`fedscan demo`: a whole federation on this machine, from data to the paper's table.
 
     fedscan demo [--out DIR] [--dataset DIR] [--nodes 3] [--rounds 3] [--arch cnn2d]
-                 [--local-epochs 1] [--labelled-per-node 120] [--feed-seconds 45] ...
+                 [--local-epochs 2] [--labelled-per-node 120] [--feed-seconds 45] ...
 
 Starts an MQTT broker (``python -m fl_protocol.broker``), a coordinator and one edge node per
 hospital as separate processes, drips CT slices into the hospitals' inboxes, runs the rounds,
