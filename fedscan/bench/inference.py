@@ -200,6 +200,11 @@ class _Node:
         self.start_s = time.perf_counter() - t0
         self.con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the node process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def created_at(self, uid: str) -> float | None:
         row = self.con.execute(
             "SELECT created_at FROM predictions WHERE sop_instance_uid = ?", (uid,)
@@ -275,11 +280,22 @@ def series_throughput(args: argparse.Namespace, node: _Node) -> dict[str, Any]:
         (staging / f"slice_{i:04d}.dcm").write_bytes(data)
         uids.append(uid)
     os.sync()
+    cpu0 = node.cpu_s()
     t0 = time.time()
     os.rename(staging, node.inbox / "series")  # the whole series lands at once
     last = max(_wait_row(node, uid, timeout=600) for uid in uids)
     elapsed = last - t0
-    return {"n": len(uids), "elapsed_s": elapsed, "slices_per_s": len(uids) / elapsed}
+    cpu_per_slice = (node.cpu_s() - cpu0) / len(uids)
+    cores = os.cpu_count() or 1
+    return {
+        "n": len(uids),
+        "elapsed_s": elapsed,
+        "slices_per_s": len(uids) / elapsed,
+        # Load-independent: what the node spends per slice, and the rate that would allow
+        # with every core to itself (an upper bound, not a measurement).
+        "node_cpu_ms_per_slice": cpu_per_slice * 1000,
+        "cpu_bound_slices_per_s": cores / cpu_per_slice if cpu_per_slice > 0 else None,
+    }
 
 
 def import_cost() -> dict[str, float]:
@@ -366,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
                 result["series_slices_per_s"] = series["slices_per_s"]
                 print(
                     f"  series: {series['n']} slices in {series['elapsed_s']:.2f} s = "
-                    f"{series['slices_per_s']:.1f} slices/s"
+                    f"{series['slices_per_s']:.1f} slices/s; node CPU "
+                    f"{series['node_cpu_ms_per_slice']:.1f} ms/slice"
                 )
             finally:
                 result["node_exit_code"] = node.stop()
