@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Protocol
 
 from edge_node.config import NodeConfig
-from edge_node.errors import ModelError
+from edge_node.errors import ConfigError, ModelError
 from edge_node.inference import ModelHolder
 from edge_node.metrics import PipelineStats
 from edge_node.pipeline import Pipeline
@@ -149,7 +149,12 @@ class Daemon:
             from edge_node.api import ApiServer
 
             self.api = ApiServer(self)
-            port = self.api.start()
+            try:
+                port = self.api.start()
+            except OSError as exc:
+                self.api = None
+                where = f"{self.config.api.host}:{self.config.api.port}"
+                raise ConfigError(f"api: cannot listen on {where}: {exc.strerror}") from exc
             (self.config.paths.state_dir / "api.port").write_text(f"{port}\n")
             log.info(
                 "API on http://%s:%d (token %s)",
@@ -204,7 +209,11 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.shutdown(timeout=5)  # whatever did start (threads, database) stops cleanly
+            raise
         try:
             while not self._stop.wait(1.0):
                 pass

@@ -137,3 +137,28 @@ def test_node_run_refuses_an_unloadable_model_with_exit_3(tmp_path: Path) -> Non
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 3, out.stderr
     assert "model file not found" in out.stderr
+
+
+def test_node_run_reports_a_busy_api_port_as_a_config_error(tmp_path: Path) -> None:
+    import socket
+
+    assert main(["node", "init", str(tmp_path / "n")]) == 0
+    make_classifier(tmp_path / "n" / "models" / "current.onnx")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedscan.cli",
+            "node",
+            "run",
+            "--config",
+            str(tmp_path / "n" / "node.toml"),
+            "--api-port",
+            str(port),
+        ]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
