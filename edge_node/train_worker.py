@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stdout,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(levelname)s %(name)s: %(message)s",  # the parent's log adds the time
     )
     job: TrainJob | None = None
     try:
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             trainer.train_once(job)
         return 0
-    except (NodeError, Exception) as exc:  # reported to the parent through error.json
+    except Exception as exc:  # reported to the parent through error.json
         code = int(getattr(exc, "exit_code", 1))
         known = isinstance(exc, NodeError) or type(exc).__module__.startswith("export")
         if known:
