@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_node.cmd_federate import sync_once
 from edge_node.inference import OnnxModel
@@ -25,12 +26,12 @@ from tests.edge_node.fed_helpers import cnn2d_weights, node_config, weights_payl
 FED = "fedsync"
 
 
-def publish(t: PahoTransport, version: int, key: object) -> None:
+def publish(t: PahoTransport, version: int, key: Ed25519PrivateKey) -> None:
     payload, chunks = split(weights_payload(cnn2d_weights(version), version), 64 * 1024)
     for i, chunk in enumerate(chunks):
         t.publish(topics.global_chunk(FED, version, i), chunk, retain=True)
     manifest = GlobalManifest(FED, version, "cnn2d", 0, payload)
-    signed = sign_manifest(manifest, key, "coordinator")  # type: ignore[arg-type]
+    signed = sign_manifest(manifest, key, "coordinator")
     t.publish(topics.global_current(FED), signed.to_bytes(), retain=True)
 
 
