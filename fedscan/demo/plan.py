@@ -15,9 +15,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
-from fedscan.dataset import IndexRow, read_index
+import numpy as np
+
+from fedscan.dataset import LABELS, IndexRow, read_index
 from fedscan.demo.config import DemoConfig
 from fedscan.demo.errors import DemoError
 from fedscan.experiment.partition import partition
@@ -77,15 +80,23 @@ def synthetic_index(config: DemoConfig, folder: Path) -> Path:
     return index
 
 
-def _cap(rows: Sequence[IndexRow], limit: int | None) -> tuple[IndexRow, ...]:
-    """Whole patients, in order, until ``limit`` slices (at least one patient)."""
+def _cap(rows: Sequence[IndexRow], limit: int | None, seed: int) -> tuple[IndexRow, ...]:
+    """Whole patients until ``limit`` slices, the classes taken in turn (patients shuffled
+    within each class, seeded), so a capped share keeps both classes."""
     if limit is None:
         return tuple(rows)
     by_patient: dict[str, list[IndexRow]] = {}
     for r in rows:
         by_patient.setdefault(r.patient_key, []).append(r)
+    rng = np.random.default_rng([seed, 17])
+    queues = []
+    for label in LABELS:
+        keys = sorted(p for p, rs in by_patient.items() if rs[0].label == label)
+        queues.append([keys[i] for i in rng.permutation(len(keys))])
+    order = [p for pair in zip_longest(*queues) for p in pair if p is not None]
     out: list[IndexRow] = []
-    for group in by_patient.values():
+    for patient in order:
+        group = by_patient[patient]
         if out and len(out) + len(group) > limit:
             continue
         out += group
@@ -108,7 +119,7 @@ def make_plan(config: DemoConfig, index: Path, source: str) -> DataPlan:
         unlabelled = [tuple(test)] + [()] * (config.nodes - 1)
     cap = config.labelled_per_node if config.dataset is not None else None
     nodes = tuple(
-        NodePlan(node, _cap(h.rows, cap), tuple(u))
+        NodePlan(node, _cap(h.rows, cap, config.seed), tuple(u))
         for node, h, u in zip(config.node_ids, labelled, unlabelled, strict=True)
     )
     return DataPlan(base=index.parent, source=source, nodes=nodes, test=tuple(test))
