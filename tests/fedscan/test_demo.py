@@ -187,3 +187,15 @@ def test_live_table_redraws_in_place_and_log_mode_prints_changes() -> None:
     table.show(lines)
     table.show(lines)  # unchanged: not printed again
     assert log.getvalue().count("hospital-1") == 1
+
+
+def test_capped_share_keeps_both_classes(tiny: tuple[DemoConfig, Path]) -> None:
+    """With --dataset and --labelled-per-node, a hospital's share is cut by whole patients
+    with the classes taken in turn (the index lists one class folder first)."""
+    base, index = tiny
+    config = DemoConfig(out=base.out, dataset=index.parent, labelled_per_node=6)
+    plan = make_plan(config, index, "imported")
+    for p in plan.nodes:
+        labels = {r.label for r in p.labelled}
+        assert labels == {"covid", "non_covid"}, p.node
+        assert len(p.labelled) <= 6
