@@ -7,11 +7,15 @@ and sends its delta; the coordinator decodes it with the real codec.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_node.federation import FederationClient
 from edge_node.local_compute import InProcessCompute
@@ -19,7 +23,7 @@ from edge_node.preprocess import patient_key
 from edge_node.train_job import TrainJob, TrainResult
 from fl_protocol import topics
 from fl_protocol.errors import TransportError
-from fl_protocol.schemas import NodeStatus
+from fl_protocol.schemas import Ack, NodeStatus
 from fl_protocol.transport import MemoryBroker, MemoryTransport
 from tests.edge_node.fed_helpers import (
     FakeCoordinator,
@@ -230,4 +234,66 @@ def test_a_pending_update_of_a_closed_round_is_dropped(tmp_path: Path) -> None:
     client.run_until_idle()
     assert [p.round for p in client.sender.pending()] == [2]
     assert len(node.compute.trained) == 2
+    client.stop()
+
+
+# -- hostile input -------------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.data(),
+    topic=st.sampled_from(
+        [
+            "fl/{f}/global/current",
+            "fl/{f}/global/0/chunk/0",
+            "fl/{f}/global/9/chunk/1",
+            "fl/{f}/round/1/ack/n1",
+            "fl/{f}/round/x/ack/n1",
+        ]
+    ),
+)
+def test_fuzzed_manifests_chunks_and_acks_never_crash_the_client(
+    fuzz_node: tuple[Node, FakeCoordinator, FederationClient], data: st.DataObject, topic: str
+) -> None:
+    """Random bytes, or a valid message with one field replaced by arbitrary JSON, on every
+    topic the node listens to: the client logs and carries on, serving the same model."""
+    node, coord, client = fuzz_node
+    if data.draw(st.booleans()):
+        payload = data.draw(st.binary(max_size=300))
+    else:
+        base = json.loads(GOOD_MESSAGES[topic.split("/")[2] if "global" in topic else "ack"])
+        key = data.draw(st.sampled_from(sorted(base)))
+        base[key] = data.draw(JSON)
+        payload = json.dumps(base).encode()
+    coord.t.publish(topic.format(f=node.federation), payload)
+    client.run_until_idle()
+    assert [v for _, v in node.swaps] == [0]
+
+
+GOOD_MESSAGES: dict[str, bytes] = {}
+
+
+@pytest.fixture(scope="module")
+def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("fuzz")
+    broker = MemoryBroker()
+    node = Node(root, broker, n_patients=4)
+    coord = FakeCoordinator(broker, node.federation)
+    manifest = coord.publish_global(0, cnn2d_weights(0))
+    GOOD_MESSAGES["global"] = manifest.to_bytes()
+    GOOD_MESSAGES["ack"] = Ack(round=1, node="n1", status="missing", missing=(0,)).to_bytes()
+    client = node.client()
+    assert [v for _, v in node.swaps] == [0]
+    yield node, coord, client
     client.stop()
