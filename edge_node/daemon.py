@@ -129,6 +129,7 @@ class Daemon:
         self.pipeline.on_retry = self.watcher.retry
         self.monitor = ModelMonitor(config.model_path, self.holder)
         self.api: ApiServerLike | None = None
+        self.federation: FederationLike | None = None
         self._stop = threading.Event()
         self.started_at = time.time()
 
@@ -162,7 +163,23 @@ class Daemon:
                 port,
                 "required" if self.config.api.token else "off",
             )
+        if self.config.federation.enabled:
+            self._start_federation()
         log.info("node %s running", self.config.node_id)
+
+    def _start_federation(self) -> None:
+        """Follow the global model (and train in rounds); torch stays in its worker process."""
+        from edge_node.federation import FederationClient
+
+        def on_new_model(path: Path, version: int) -> None:
+            self.holder.swap(path)  # checked and warmed up before it replaces the served one
+
+        client = FederationClient(self.config, on_new_model)
+        client.start()
+        self.federation = client
+        log.info(
+            "federation %s via %s", self.config.federation.federation, self.config.federation.broker
+        )
 
     def _log_window(self) -> None:
         model = self.holder.current()
@@ -191,6 +208,11 @@ class Daemon:
     def shutdown(self, timeout: float = 60.0) -> bool:
         """Stop intake, finish in-flight files, close everything; True if fully drained."""
         t0 = time.monotonic()
+        if self.federation is not None:
+            try:
+                self.federation.stop()  # "offline" status; a running training job is interrupted
+            except Exception:
+                log.exception("federation client did not stop cleanly")
         self.watcher.stop()
         self.monitor.stop()
         drained = self.pipeline.drain(timeout)
@@ -224,6 +246,12 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: draining", signal.Signals(signum).name)
         self._stop.set()
+
+
+class FederationLike(Protocol):
+    """What the daemon needs from edge_node.federation.FederationClient."""
+
+    def stop(self, timeout: float = 10.0) -> None: ...
 
 
 class ApiServerLike(Protocol):
