@@ -74,7 +74,8 @@ _PARSE_ERRORS = (
     BytesLengthException,
     struct.error,
 )
-_DECODE_ERRORS = (*_PARSE_ERRORS, RuntimeError, MemoryError)
+# StopIteration: pydicom runs out of fragments when NumberOfFrames claims more than there are.
+_DECODE_ERRORS = (*_PARSE_ERRORS, RuntimeError, MemoryError, StopIteration)
 
 Source = str | Path | bytes
 
@@ -123,9 +124,12 @@ def _check_complete(ds: Dataset, size: int, stop_before_pixels: bool) -> None:
     (the last top-level element is checked; nested ones are covered by parsing them)."""
     if len(ds) == 0:
         raise input_error(NotDicomError, "truncated", "file meta present but dataset cut off")
-    if transfer_syntax(ds) == str(DeflatedExplicitVRLittleEndian):
-        return  # offsets refer to the inflated stream
-    last = ds.get_item(max(ds.keys()))
+    try:
+        if transfer_syntax(ds) == str(DeflatedExplicitVRLittleEndian):
+            return  # offsets refer to the inflated stream
+        last = ds.get_item(max(ds.keys()))
+    except _PARSE_ERRORS as exc:  # a corrupt raw element (unknown VR...) converted here
+        raise input_error(NotDicomError, "not_dicom", f"broken element: {_short(exc)}") from exc
     if not isinstance(last, RawDataElement) or last.length == UNDEFINED_LENGTH:
         return
     end = last.value_tell + last.length
@@ -194,14 +198,22 @@ def is_image_sop_class(ds: Dataset) -> bool:
     """SOP classes whose instances always carry pixel data (any "... Image Storage", SEG,
     parametric maps)."""
     meta = getattr(ds, "file_meta", None)
-    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    try:
+        uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    except _PARSE_ERRORS:  # a corrupt raw element: no class to go by
+        return False
     name = UID(str(uid or "")).name
     return "Image Storage" in name or name in ("Segmentation Storage", "Parametric Map Storage")
 
 
+# More frames than any real CT object has: a header claiming more is corrupt, and per-frame
+# loops and arrays sized from it (2**31 - 1 is a valid IS) must not run or allocate that much.
+MAX_FRAMES = 65536
+
+
 def number_of_frames(ds: Dataset) -> int:
     try:
-        return max(1, int(ds.get("NumberOfFrames") or 1))
+        return min(MAX_FRAMES, max(1, int(ds.get("NumberOfFrames") or 1)))
     except (TypeError, ValueError):
         return 1
 

@@ -42,7 +42,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from edge_node.dicom_decode import number_of_frames
+from edge_node.dicom_decode import input_error, number_of_frames
+from edge_node.errors import NotDicomError, PixelDecodeError
 
 # Secondary Capture SOP classes (single-frame and the four multi-frame ones).
 SECONDARY_CAPTURE_CLASSES = frozenset(
@@ -54,6 +55,7 @@ SECONDARY_CAPTURE_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.7.4",
     }
 )
+MAX_RESCALE = 1e30  # |slope|, |intercept| above this overflow float32 pixels: a corrupt header
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -99,6 +101,9 @@ def rescale_per_frame(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
         found = True
         slopes[i] = float(src.get("RescaleSlope", 1.0) or 1.0)
         intercepts[i] = float(src.get("RescaleIntercept", 0.0) or 0.0)
+    sane = (np.abs(slopes) <= MAX_RESCALE).all() and (np.abs(intercepts) <= MAX_RESCALE).all()
+    if found and not sane:  # NaN, inf or absurd values would make every pixel NaN/inf
+        raise input_error(NotDicomError, "bad_header", "rescale slope/intercept not finite")
     return (slopes, intercepts) if found else None
 
 
@@ -168,7 +173,11 @@ def to_display(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
     """The ``display`` path: float32 ``(frames, rows, cols)`` in [0, 1], MONOCHROME2 convention."""
     pi = photometric(ds)
     if pi.startswith("PALETTE"):
-        rgb = np.asarray(apply_color_lut(pixels, ds))
+        try:
+            rgb = np.asarray(apply_color_lut(pixels, ds))
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
+            msg = f"no usable palette colour LUT ({type(exc).__name__})"
+            raise input_error(PixelDecodeError, "palette", msg) from exc
         full = 255.0 if rgb.dtype == np.uint8 else 65535.0
         return _luminance(rgb, full)
     bits = int(ds.get("BitsStored") or 8)

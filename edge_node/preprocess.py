@@ -18,6 +18,8 @@ Errors (each with a short ``.reason``; codes listed in edge_node.dicom_decode an
 NotDicomError, PixelDecodeError, SkippedInput. SkippedInput reasons added here:
 ``modality:<MOD>`` (not in the allow-list; ``none`` when absent), ``segmentation`` (SEG SOP
 class), ``bits_allocated:1``, ``color:<PHOTOMETRIC>`` (colour that is not a Secondary Capture).
+NotDicomError ``bad_header``: a header value that cannot be read as what it must be (a
+multi-valued Rows, say); PixelDecodeError ``palette`` (edge_node.hu): no usable colour LUT.
 
 Images are stretched to a square, not padded: CT slices are square already, and the trainer
 sees exactly this function's output, so train and inference agree.
@@ -35,6 +37,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from edge_node.dicom_decode import (
+    _PARSE_ERRORS,
     Source,
     decode_pixels,
     input_error,
@@ -42,7 +45,7 @@ from edge_node.dicom_decode import (
     read_dataset,
     transfer_syntax,
 )
-from edge_node.errors import ConfigError, SkippedInput
+from edge_node.errors import ConfigError, NotDicomError, SkippedInput
 from edge_node.hu import (
     apply_window,
     choose_pipeline,
@@ -141,7 +144,17 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def slice_meta(ds: Dataset) -> SliceMeta:
-    """Header facts of a parsed dataset (no pixel decoding)."""
+    """Header facts of a parsed dataset (no pixel decoding); NotDicomError("bad_header") when
+    a value cannot be read as what it must be (e.g. a multi-valued Rows)."""
+    try:
+        return _slice_meta(ds)
+    except _PARSE_ERRORS as exc:
+        raise input_error(  # the type only: a value could be a patient's name
+            NotDicomError, "bad_header", f"unreadable header value ({type(exc).__name__})"
+        ) from exc
+
+
+def _slice_meta(ds: Dataset) -> SliceMeta:
     study = _text(ds, "StudyInstanceUID")
     return SliceMeta(
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
@@ -175,7 +188,13 @@ def check_usable(ds: Dataset, meta: SliceMeta, params: PreprocessParams) -> None
         raise input_error(SkippedInput, f"modality:{mod}", f"modality {mod} not in allow-list")
     if str(ds.get("SOPClassUID") or "") == SEGMENTATION_CLASS:
         raise input_error(SkippedInput, "segmentation", "segmentation object, not an image")
-    if int(ds.get("BitsAllocated") or 0) == 1:
+    try:
+        bits = int(ds.get("BitsAllocated") or 0)
+    except _PARSE_ERRORS as exc:
+        raise input_error(
+            NotDicomError, "bad_header", f"unreadable BitsAllocated ({type(exc).__name__})"
+        ) from exc
+    if bits == 1:
         raise input_error(SkippedInput, "bits_allocated:1", "1-bit (binary) pixel data")
     if is_color(ds) and not is_secondary_capture(ds):
         code = meta.photometric.replace(" ", "_")
