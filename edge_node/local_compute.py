@@ -317,7 +317,11 @@ def _child_main(argv: Sequence[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s"
     )
-    return _serve(args.threads, args.nice, args.idle_exit_s)
+    code = _serve(args.threads, args.nice, args.idle_exit_s)
+    # Nothing is left to clean up, and tearing down torch's modules takes seconds on a busy
+    # machine: leave at once so the daemon's shutdown does not wait for it.
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
