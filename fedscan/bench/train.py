@@ -76,6 +76,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=3, help="early stopping patience (epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
+    p.add_argument(
+        "--configs",
+        help="comma-separated subset of configurations, e.g. cnn2d,resnet18+texture "
+        "(to run configurations in parallel processes; merge with --merge)",
+    )
+    p.add_argument(
+        "--prepared",
+        type=Path,
+        help="npz of the prepared 224x224 slices: written when absent, read when present "
+        "(8-bit quantised, max abs error 1/510; lets the run move to another machine "
+        "without the source images)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="merge the JSON files of parallel runs into --json and print the table",
+    )
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -150,7 +168,36 @@ def load_image(item: Item, kind: str, size: int = 224) -> np.ndarray:
     return resize(to_display(sc, gray[None])[0], size)
 
 
-def build_sets(items: list[Item], kind: str, texture: bool) -> dict[str, Any]:
+def save_prepared(path: Path, items: list[Item], kind: str) -> None:
+    """Prepared slices (uint8) + labels/splits/patients, so no source image has to travel."""
+    images = np.stack([load_image(i, kind) for i in items])
+    np.savez_compressed(
+        path,
+        images=np.round(images * 255.0).astype(np.uint8),
+        labels=np.array([i.label for i in items], dtype=np.int64),
+        splits=np.array([i.split for i in items]),
+        patients=np.array([i.patient for i in items]),
+        names=np.array([i.path.name for i in items]),
+    )
+
+
+def load_prepared(path: Path) -> tuple[list[Item], dict[str, np.ndarray]]:
+    data = np.load(path, allow_pickle=False)
+    items = [
+        Item(Path(str(n)), str(s), int(lab), str(p))
+        for n, s, lab, p in zip(
+            data["names"], data["splits"], data["labels"], data["patients"], strict=True
+        )
+    ]
+    cache = {
+        it.path.name: data["images"][k].astype(np.float32) / 255.0 for k, it in enumerate(items)
+    }
+    return items, cache
+
+
+def build_sets(
+    items: list[Item], kind: str, texture: bool, cache: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
     from edge_node.train_data import SampleSet
 
     sets: dict[str, SampleSet] = {}
@@ -158,7 +205,9 @@ def build_sets(items: list[Item], kind: str, texture: bool) -> dict[str, Any]:
         chosen = [i for i in items if i.split == split]
         if not chosen:
             raise BenchError(f"the dataset has no {split} images")
-        images = np.stack([load_image(i, kind) for i in chosen])[:, None]
+        images = np.stack(
+            [cache[i.path.name] if cache is not None else load_image(i, kind) for i in chosen]
+        )[:, None]
         feats = None
         if texture:
             from edge_node.texture import texture_features
@@ -295,6 +344,16 @@ def _load() -> list[float] | None:
         return None
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     """The README table (markdown)."""
     lines = [
@@ -312,9 +371,26 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """Combine the JSON of configurations run in parallel processes into one report."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = dict(reports[0])
+    merged["results"] = {k: v for r in reports for k, v in r["results"].items()}
+    merged["parallel_runs"] = len(reports)
+    merged["seconds"] = max(r["seconds"] for r in reports)
+    merged["load_avg_end"] = reports[-1].get("load_avg_end")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+    print(table(merged["results"]))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.json)
-    if not Path(args.dataset).exists():
+    if args.merge:
+        return merge(list(args.merge), out)
+    prepared = Path(args.prepared) if args.prepared else None
+    if not Path(args.dataset).exists() and not (prepared and prepared.exists()):
         message = f"UCSD COVID-CT data not found at {args.dataset}: benchmark skipped"
         print(f"fedscan bench train: {message}", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,11 +405,19 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    items, kind = discover(Path(args.dataset))
+    cache: dict[str, np.ndarray] | None = None
+    if prepared is not None and prepared.exists():
+        items, cache = load_prepared(prepared)
+        kind = "prepared"
+    else:
+        items, kind = discover(Path(args.dataset))
+        if prepared is not None:
+            save_prepared(prepared, items, kind)
+            items, cache = load_prepared(prepared)
     if args.limit:
         items = limit_items(items, args.limit)
     textures = {"both": (False, True), "off": (False,), "on": (True,)}[args.texture]
-    sets = build_sets(items, kind, texture=True in textures)
+    sets = build_sets(items, kind, texture=True in textures, cache=cache)
     prep_seconds = time.perf_counter() - t0
     print(
         f"data: {', '.join(f'{s} {len(sets[s])}' for s in SPLITS)} ({kind}), "
@@ -341,6 +425,11 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     configs = [(a, t) for a in args.archs for t in textures]
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",") if c.strip()}
+        configs = [(a, t) for a, t in configs if (f"{a}+texture" if t else a) in wanted]
+        if not configs:
+            raise BenchError(f"--configs {args.configs!r} selects no configuration")
     budget = args.budget_minutes * 60.0
     results: dict[str, dict[str, Any]] = {}
     for k, (arch, texture) in enumerate(configs):
@@ -368,7 +457,12 @@ def run(args: argparse.Namespace) -> int:
         "patience": args.patience,
         "seed": args.seed,
         "budget_minutes": args.budget_minutes,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": _cpu_model(),
+            "torch": torch.__version__,
+        },
         "load_avg_start": load_start,
         "load_avg_end": _load(),
         "prepare_seconds": prep_seconds,
