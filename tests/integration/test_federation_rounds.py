@@ -42,14 +42,7 @@ from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_pat
 from tests.integration.mosquitto import Mosquitto
 from tests.integration.node_process import NodeProcess
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        "FederationClient"
-        not in (Path(__file__).resolve().parents[2] / "edge_node" / "daemon.py").read_text(),
-        reason="edge_node/daemon.py does not start the federation client yet (hook pending)",
-    ),
-]
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 FEDERATION = "fedint"
