@@ -14,6 +14,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "edge_node.cmd_labels",  # label
     "edge_node.cmd_train",  # train
     "edge_node.cmd_audit",  # audit
+    "edge_node.cmd_federate",  # sync, rollback
 )
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import timm
 from torch import nn
 
 from export._registry import PretrainedSpec
@@ -48,6 +47,8 @@ def describe(pretrained: PretrainedSpec) -> str:
 
 def timm_backbone(name: str, pretrained: PretrainedSpec, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, in_chans=1, num_classes=0)`` with the requested weights."""
+    import timm  # lazy: timm + torchvision cost seconds at import, cnn2d never needs them
+
     kwargs = {"in_chans": 1, "num_classes": 0, **kwargs}
     if pretrained is None:
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -59,6 +60,7 @@ def timm_backbone(name: str, pretrained: PretrainedSpec, **kwargs: Any) -> nn.Mo
 def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
     if not path.is_file():
         raise WeightsError(f"{name}: pretrained weights file not found: {path}")
+    import timm
     from timm.models import load_state_dict
 
     try:
@@ -93,6 +95,8 @@ def _check_coverage(name: str, source: str, model: nn.Module, file_keys: set[str
 
 
 def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise WeightsError(f"{name}: timm has no pretrained weights for this architecture")
