@@ -89,7 +89,10 @@ def realistic_delta(
         weight=class_weights(labels),
     )
     delta = compute_delta(state_to_numpy(model), base)
-    floats = [v for v in delta.values() if v.dtype.kind == "f"]
+    # counters (BatchNorm num_batches_tracked) are not weights: left out of the delta's size
+    floats = [
+        v for k, v in delta.items() if v.dtype.kind == "f" and not k.endswith("num_batches_tracked")
+    ]
     facts = {
         "params": int(sum(p.numel() for p in model.parameters())),
         "state_tensors": len(base),
