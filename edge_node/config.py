@@ -8,6 +8,7 @@ against the directory of the TOML file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,21 @@ class FederationConfig:
     coordinator_public_key: Path | None = None  # Ed25519 key that must sign global manifests
     codec: str = "fp16"  # default update codec when the round config does not say
     safety_margin: float | None = None  # refuse a global model this much less accurate locally
+    # -- differential privacy on updates (edge_node/privacy.py); off while dp_clip is unset --
+    dp_clip: float | None = None  # L2 bound of the whole update delta
+    dp_noise_multiplier: float = 0.0  # Gaussian noise sigma = dp_noise_multiplier * dp_clip
+    dp_delta: float = 1e-5  # epsilon is reported at this delta
+
+    def __post_init__(self) -> None:
+        clip, z = self.dp_clip, self.dp_noise_multiplier
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ConfigError("federation: dp_clip must be a positive number (or unset: DP off)")
+        if not (math.isfinite(z) and z >= 0):
+            raise ConfigError("federation: dp_noise_multiplier must be >= 0")
+        if clip is None and z > 0:
+            raise ConfigError("federation: dp_noise_multiplier needs dp_clip (sigma = z * clip)")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError("federation: dp_delta must be in (0, 1)")
 
 
 @dataclass(frozen=True)

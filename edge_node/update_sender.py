@@ -131,6 +131,7 @@ class UpdateSender:
         self._next_send: dict[int, float] = {}  # round -> when to resend if still unanswered
         self._backoff: dict[int, float] = {}
         self.acks: list[Ack] = []  # every ack received (status API, tests)
+        self.dp_epsilon: float | None = None  # privacy spent so far (DP on), a number only
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class UpdateSender:
         local, base = load_file(str(result.weights_path)), load_file(str(global_weights))
         keys = result.trainable_keys if rc.trainable_only else None
         delta = compute_delta(local, base, keys)
+        delta = self._privatize(rc.round, delta)  # DP hook: identity unless dp_clip is set
         codec = rc.codec or self.config.federation.codec
         payload_manifest, chunks = split(encode(delta, codec), self.chunk_size)
         train_metrics = metric_values(result.train_metrics)
@@ -196,6 +198,28 @@ class UpdateSender:
             result.num_samples,
         )  # fmt: skip
         return pending
+
+    # -- differential privacy (edge_node/privacy.py) ---------------------------------------
+
+    def _privatize(self, round_: int, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Clip + noise the delta when ``[federation] dp_clip`` is set; else return it as is."""
+        fed = self.config.federation
+        if fed.dp_clip is None:
+            return delta
+        from edge_node.privacy import DpParams, PrivacyLedger, privatize
+
+        params = DpParams(fed.dp_clip, fed.dp_noise_multiplier, fed.dp_delta)
+        noisy, outcome = privatize(delta, params, np.random.default_rng())  # OS entropy
+        ledger = PrivacyLedger(federation_dir(self.config) / "privacy.json")
+        ledger.record(round_, params.noise_multiplier)
+        self.dp_epsilon = ledger.epsilon(params.delta)
+        log.info(
+            "round %d: DP update (clip %.4g, norm %.4g, sigma %.4g); epsilon %.4g at delta %.2g "
+            "over %d round(s)",
+            round_, params.clip, outcome.norm, outcome.sigma, self.dp_epsilon, params.delta,
+            len(ledger.rounds),
+        )  # fmt: skip
+        return noisy
 
     # -- publish ---------------------------------------------------------------------------
 
