@@ -26,7 +26,7 @@ import numpy as np
 from coordinator.strategy import create_strategy
 from edge_node.train_data import SampleSet
 from edge_node.train_job import TrainJob, TrainResult
-from edge_node.trainer import evaluate, train_once
+from edge_node.trainer import evaluate, evaluate_incoming, train_once
 from export.weights import load_numpy_state, load_weights, save_weights, state_to_numpy
 from fedscan.experiment.config import ExperimentConfig
 from fl_protocol.metrics import Metrics
@@ -50,8 +50,11 @@ class SeedContext:
 
 @dataclass(frozen=True)
 class FedAvgOutcome:
-    metrics: Metrics  # final global model on the test set
+    metrics: Metrics  # the selected global version on the test set (see ``fedavg``)
+    last_metrics: Metrics  # the final round's global model on the test set
+    selected_version: int
     per_round: tuple[float, ...]  # test accuracy of global v0..vR
+    val_accuracy: tuple[float | None, ...]  # hospitals' weighted local-validation accuracy
     seconds: float
 
 
@@ -110,34 +113,68 @@ def centralized(ctx: SeedContext, pooled_book: Path) -> Metrics:
     return evaluate(_train(job).weights_path, ctx.test)
 
 
+def _weighted_accuracy(results: list[tuple[Metrics | None, int]]) -> float | None:
+    """Validation accuracy over hospitals, weighted by their validation sizes."""
+    n = sum(k for m, k in results if m is not None)
+    if not n:
+        return None
+    return sum(m.accuracy * k for m, k in results if m is not None) / n
+
+
 def fedavg(ctx: SeedContext, books: dict[str, Path]) -> FedAvgOutcome:
-    """``rounds`` rounds of local training + the coordinator's FedAvg aggregation."""
+    """``rounds`` rounds of local training + the coordinator's FedAvg aggregation.
+
+    Model selection matches the other arms, whose trainer keeps the epoch with the best local
+    validation loss: every hospital evaluates each incoming global model on its local
+    validation patients (what a node reports to the coordinator each round), and the global
+    version with the best weighted validation accuracy is the arm's result (ties: the later).
+    The final round's model is reported too.
+    """
     t0 = time.perf_counter()
     strategy = create_strategy(STRATEGY)
     global_path = ctx.init_weights
     model = load_weights(global_path)
+    paths = [global_path]
     per_round = [evaluate(model, ctx.test).accuracy]
+    val: list[float | None] = []
     for rnd in range(1, ctx.config.rounds + 1):
         global_weights = state_to_numpy(model)
         strategy.begin_round(global_weights)
+        reports: list[tuple[Metrics | None, int]] = []
         for name, db in books.items():
             out_dir = ctx.work / "fedavg" / f"round-{rnd}" / name
             # the round's seed as a coordinator would send it (base seed + round id)
             job = _job(ctx, db, out_dir, ctx.config.local_epochs, ctx.seed * 1000 + rnd,
                        global_path)  # fmt: skip
             result = _train(job)
+            reports.append((result.init_val_metrics, result.n_val))
             local = state_to_numpy(load_weights(result.weights_path))
             delta = {k: local[k] - global_weights[k] for k in global_weights}
             strategy.accumulate(delta, result.num_samples)
+        val.append(_weighted_accuracy(reports))  # of the round's incoming model
         new_weights = strategy.finish()
         load_numpy_state(model, {k: np.asarray(v) for k, v in new_weights.items()})
         global_path = save_weights(
             model, ctx.work / "fedavg" / f"global_v{rnd}.safetensors", version=rnd
         )
+        paths.append(global_path)
         per_round.append(evaluate(model, ctx.test).accuracy)
         log.info("fedavg round %d: test accuracy %.3f", rnd, per_round[-1])
+    final_reports = [
+        evaluate_incoming(
+            _job(ctx, db, ctx.work / "fedavg" / "final-eval" / name, 1, ctx.seed, global_path)
+        )
+        for name, db in books.items()
+    ]
+    val.append(_weighted_accuracy(final_reports))
+    candidates = [(acc, v) for v, acc in enumerate(val) if acc is not None]
+    selected = max(candidates)[1] if candidates else len(paths) - 1
+    last = evaluate(model, ctx.test)
     return FedAvgOutcome(
-        metrics=evaluate(model, ctx.test),
+        metrics=last if selected == len(paths) - 1 else evaluate(paths[selected], ctx.test),
+        last_metrics=last,
+        selected_version=selected,
         per_round=tuple(per_round),
+        val_accuracy=tuple(val),
         seconds=time.perf_counter() - t0,
     )

@@ -69,7 +69,10 @@ def run_task(task: Task) -> dict[str, Any]:
     elif task.arm == "fedavg":
         fed = arms.fedavg(ctx, books)
         out["metrics"] = fed.metrics.to_dict()
+        out["last_metrics"] = fed.last_metrics.to_dict()
+        out["selected_version"] = fed.selected_version
         out["per_round"] = list(fed.per_round)
+        out["val_accuracy"] = list(fed.val_accuracy)
     elif task.arm == "centralized":
         out["metrics"] = arms.centralized(ctx, task.pooled_book).to_dict()
     else:

@@ -83,9 +83,14 @@ def test_tiny_experiment_runs_all_arms_and_writes_json(
     assert doc["config"]["partition"] == "size_skew" and doc["config"]["total_epochs"] == 1
     assert len(doc["arms"]["fedavg"]["per_round_accuracy"]) == 2  # v0 and v1
     assert doc["arms"]["fedavg"]["simulated"] is True
+    assert doc["runs"][0]["fedavg_selected_version"] in (0, 1)
+    assert set(doc["arms"]["fedavg"]["last_round"]["accuracy"]) >= {"mean", "std"}
     test_rows = [r for r in (data / "index.csv").read_text().splitlines()[1:] if ",test," in r]
     assert doc["test_set"]["slices"] == len(test_rows) == doc["runs"][0]["fedavg"]["n"]
     sizes = Counter({h["name"]: h["slices"] for h in doc["runs"][0]["hospitals"]})
     assert sum(sizes.values()) == doc["pool"]["slices"]
     printed = capsys.readouterr().out
-    assert "| FedAvg global model |" in printed and "simulated in-process" in printed
+    assert (
+        "| FedAvg global model (version chosen on validation) |" in printed
+        and "simulated in-process" in printed
+    )
