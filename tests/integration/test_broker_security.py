@@ -31,26 +31,12 @@ import pytest
 
 from fedscan.provision import BROKER, KIT, provision, revoke_node
 from tests.integration.mosquitto import Mosquitto
+from tests.integration.tls_broker import start_broker
 
 pytestmark = pytest.mark.integration
 
 F = "F"
 WAIT = 5.0  # seconds: upper bound for one broker round trip on a loaded 2-core machine
-
-
-def start_broker(prov: Path, workdir: Path) -> Mosquitto:
-    """Start Mosquitto with DIR/broker/mosquitto.conf, the listener moved to loopback."""
-    conf = (prov / "broker" / BROKER.conf).read_text()
-    head, sep, listener = conf.partition("\nlistener ")
-    assert sep, "the rendered config has no listener block"
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "global.conf").write_text(head)
-    # keep every TLS option of the block; replace only "listener 8883" (its first line)
-    block = "listener {port} 127.0.0.1" + listener[listener.index("\n") :]
-    extra = "user root\n" if os.geteuid() == 0 else ""
-    return Mosquitto(
-        workdir, config=workdir / "global.conf", listener_block=block, extra=extra
-    ).start()
 
 
 def tls_context(ca: Path, kit: Path | None) -> ssl.SSLContext:
