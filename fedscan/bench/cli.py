@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "inference": ("fedscan.bench.inference", "onnxruntime vs torch, file-to-prediction latency"),
     "train": ("fedscan.bench.train", "local training speed on real slices"),
     "federation": ("fedscan.bench.federation", "rounds over a real broker"),
+    "dp": ("fedscan.bench.dp", "accuracy cost of differential privacy on updates (UCSD)"),
 }
 
 
