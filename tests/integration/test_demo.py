@@ -50,17 +50,7 @@ def _screenshot(html: Path, shot: Path, tmp: Path) -> np.ndarray:
     return np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
 
 
-def _daemon_follows_federation() -> bool:
-    """Until `fedscan node run` starts edge_node.federation.FederationClient when
-    ``[federation] enabled`` is set, no round can run (remove this guard once it does)."""
-    import edge_node.daemon
-
-    return "FederationClient" in Path(edge_node.daemon.__file__).read_text()
-
-
 def test_reduced_demo_runs_to_the_table_and_report(tmp_path: Path) -> None:
-    if not _daemon_follows_federation():
-        pytest.skip("edge_node.daemon does not start the federation client yet")
     out = tmp_path / "demo-out"
     cmd = [
         sys.executable, "-m", "fedscan.cli", "demo", "--out", str(out), "--nodes", "2",
