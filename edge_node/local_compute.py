@@ -154,7 +154,22 @@ def _run_request(req: dict[str, Any]) -> dict[str, Any]:
     raise NodeError(f"unknown compute request {op!r}")
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A job holds the loop for minutes and nothing reads stdin meanwhile: when the daemon is
+    killed (kill -9, OOM) mid-job, leave at once instead of training on for nobody (and then
+    beside the restarted daemon's new worker)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _serve(threads: int, nice: int, idle_exit_s: float) -> int:
+    _exit_with_parent()
     if nice > 0:
         try:
             os.nice(nice)
