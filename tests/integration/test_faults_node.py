@@ -9,12 +9,14 @@ node caught up), one prediction per slice (UNIQUE(sop_instance_uid, frame) and n
 from __future__ import annotations
 
 import csv
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +34,7 @@ from tests.integration.fault_helpers import (
     one_prediction_per_slice,
     query,
 )
+from tests.integration.mosquitto import Mosquitto
 from tests.integration.node_process import NodeProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -254,15 +257,80 @@ def test_a_file_that_crashes_the_decoder_does_not_crash_loop_the_node(tmp_path: 
         node.kill()
 
 
-def _daemon_runs_federation() -> bool:
-    source = (REPO / "edge_node" / "daemon.py").read_text()
-    return "FederationClient" in source
+def children(pid: int) -> set[int]:
+    """Direct child processes of ``pid`` (e.g. the node's compute worker)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return out
 
 
-@pytest.mark.skipif(
-    not _daemon_runs_federation(),
-    reason="`fedscan node run` does not start the federation client yet (edge_node/daemon.py "
-    "does not use edge_node.federation.FederationClient): no training or upload to kill",
-)
-def test_kill_9_during_training_and_upload() -> None:  # pragma: no cover - until wired
-    pytest.fail("federation is wired into the daemon: write this test (issue 7)")
+def serves(node: Any, version: str) -> bool:
+    return bool(node.served() == version)
+
+
+def gone(pids: set[int]) -> bool:
+    return not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_during_training_and_during_upload(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Two real federated nodes, one round on Mosquitto. Node a is SIGKILLed while it trains
+    (its compute worker must not outlive it); node b while its stored update waits for an
+    ack (the coordinator is paused with SIGSTOP meanwhile). After restarts a trains again, b
+    resends without training again, the round aggregates with both counted once, and both
+    serve global v1. Slow: two nodes export and train with torch (minutes on two cores)."""
+    from tests.integration.test_federation_rounds import (
+        TIMEOUT,
+        Coordinator,
+        FedNode,
+        write_coordinator,
+    )
+    from tests.integration.test_federation_rounds import wait_for as fwait
+
+    url = f"mqtt://127.0.0.1:{mosquitto.port}"
+    coord = Coordinator(write_coordinator(tmp_path / "coordinator", url, "ab", num_rounds=1))
+    nodes = {n: FedNode(tmp_path / n, n, url) for n in "ab"}
+    a, b = nodes["a"], nodes["b"]
+    logs = (coord.log, a.log, b.log)
+    training = "round 1: training from global model 0"
+    try:
+        coord.start()
+        fwait(lambda: coord.round_status(1) == "collecting", TIMEOUT, "round 1", logs)
+        coord.signal(signal.SIGSTOP)  # no ack can come until both faults are injected
+        a.start()
+        b.start()
+        fwait(lambda: training in a.log.read_text(), TIMEOUT, "a training", logs)
+        assert a.proc is not None
+        workers = children(a.proc.pid)
+        a.kill()
+        wait_for(lambda: gone(workers), 30, "a's compute worker to exit with it")
+        fwait(lambda: b.outbox_rounds() == ["round-1"], TIMEOUT, "b's stored update", logs)
+        b.kill()
+        coord.signal(signal.SIGCONT)
+        a.start()
+        b.start()
+        for node in (a, b):
+            fwait(partial(serves, node, "1"), TIMEOUT, f"{node.node_id} on v1", logs)
+        assert coord.proc is not None and coord.proc.wait(60) == 0
+        doc = coord.status()
+        assert doc["global_version"] == 1
+        [rnd] = doc["rounds"]
+        assert (rnd["outcome"], rnd["version_out"]) == ("aggregated", 1)
+        assert rnd["accepted"] == ["a", "b"] and rnd["counted"] == ["a", "b"]
+        assert a.log.read_text().count(training) == 2  # the killed training ran again
+        assert b.log.read_text().count(training) == 1  # the stored update was resent
+        assert a.outbox_rounds() == b.outbox_rounds() == []
+        for node in (a, b):
+            assert node.terminate() == 0
+            check_sqlite(node.db)
+            doc = audit_cli(node.toml, wait_s=60)
+            assert doc["missing"] == [] and doc["predicted"] == doc["files_seen"]
+    finally:
+        coord.stop()
+        for node in (a, b):
+            node.kill()
