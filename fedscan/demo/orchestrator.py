@@ -14,21 +14,20 @@ import logging
 import re
 import shutil
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fedscan.demo import evaluate as ev
 from fedscan.demo import progress, setup
 from fedscan.demo.config import DemoConfig
 from fedscan.demo.errors import DemoError
 from fedscan.demo.feeder import Feeder, schedule
 from fedscan.demo.plan import DataPlan, prepare_data
 from fedscan.demo.processes import Child, Supervisor, fedscan_argv, run_to_end
-from fedscan.report import ModelEval, ReportResults, RoundPoint, text_table, write_report
+from fedscan.demo.results import build_results, live_predictions
+from fedscan.report import ReportResults, text_table, write_report
 
 log = logging.getLogger(__name__)
 
@@ -309,34 +308,8 @@ class Demo:
             time.sleep(POLL_S)
 
     def _live_predictions(self) -> list[dict[str, Any]]:
-        """How the nodes' on-arrival predictions of the unlabelled slices fared."""
-        out = []
-        for node in self.nodes:
-            truth = self.truth.get(node, {})
-            db = self.paths.node(node) / "state" / "node.sqlite"
-            try:
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-                try:
-                    rows = conn.execute("SELECT path, label, model_version FROM predictions")
-                    preds = [(p, lab, v) for p, lab, v in rows if p in truth]
-                finally:
-                    conn.close()
-            except sqlite3.Error as exc:
-                log.warning("%s: predictions unreadable: %s", node, exc)
-                continue
-            right = sum(1 for p, lab, _ in preds if lab == truth[p])
-            versions = sorted({str(v) for _, _, v in preds}, key=lambda s: (len(s), s))
-            out.append(
-                {
-                    "node": node,
-                    "unlabelled slices": len(truth),
-                    "predicted on arrival": len(preds),
-                    "correct": right,
-                    "accuracy %": round(100.0 * right / len(preds), 1) if preds else None,
-                    "model versions used": ", ".join(f"v{v}" for v in versions),
-                }
-            )
-        return out
+        dbs = {node: self.paths.node(node) / "state" / "node.sqlite" for node in self.nodes}
+        return live_predictions(dbs, self.truth)
 
     def _local_only(self, sup: Supervisor) -> dict[str, Path]:
         """Each hospital alone: `fedscan node train` from global v0, rounds x local epochs."""
@@ -368,94 +341,18 @@ class Demo:
             result[node] = weights
         return result
 
-    # -- evaluation ----------------------------------------------------------------------------
-
     def _evaluate(
         self, plan: DataPlan, local: dict[str, Path], live: list[dict[str, Any]]
     ) -> ReportResults:
-        from coordinator.reports import round_summaries
-        from coordinator.state import State
-
-        c = self.config
-        test = ev.load_test_set(plan.test, plan.base, self.paths.out / "eval-cache")
-        state = State(self.paths.coordinator_state, readonly=True)
-        try:
-            versions = state.versions()
-            summaries = round_summaries(state)
-            paths = {v.version: state.checkpoint_path(v.version) for v in versions}
-            metrics_rows = state.metrics()
-        finally:
-            state.close()
-        models: list[ModelEval] = []
-        epochs = c.rounds * c.local_epochs
-        for node, weights in local.items():
-            m, roc = ev.score(weights, test)
-            models.append(ModelEval(
-                name=f"{node} local-only", kind="local", node=node, metrics=m, roc=roc,
-                description=(
-                    f"trained on {node}'s own labels only (fedscan node train), from the same "
-                    f"random initial weights as global v0, for {epochs} epoch(s) = rounds x "
-                    "local epochs, the budget of its federated training; best epoch on its "
-                    "local validation patients"
-                ),
-            ))  # fmt: skip
-        points: list[RoundPoint] = []
-        final_eval: ModelEval | None = None
-        accepted = {int(s["version_out"]): len(s["accepted"]) for s in summaries
-                    if s["version_out"] is not None}  # fmt: skip
-        weighted = {}
-        for s in summaries:
-            if s["weighted"]:
-                weighted[int(s["version_in"])] = s["weighted"].get("accuracy")
-        for version in sorted(paths):
-            m, roc = ev.score(paths[version], test)
-            reported = {
-                r.node: float(r.metrics["accuracy"])
-                for r in metrics_rows
-                if r.model_version == version and "accuracy" in r.metrics
-            }
-            points.append(RoundPoint(version, version, m.accuracy, reported,
-                                     weighted.get(version), accepted.get(version, 0)))  # fmt: skip
-            if version == max(paths):
-                final_eval = ModelEval(
-                    name=f"global v{version} (FedAvg)", kind="global", metrics=m, roc=roc,
-                    description=(
-                        f"the federation's final model: {len(points) - 1} round(s) of FedAvg "
-                        f"over MQTT, every hospital training {c.local_epochs} epoch(s) per round "
-                        "from the current global model"
-                    ),
-                )  # fmt: skip
-        if final_eval is not None:
-            models.append(final_eval)
-        notes = (
-            "Every model is scored on the same held-out test set: slices of patients that no "
-            "node ever had a label for (they reached the inboxes unlabelled, and were only "
-            "predicted).",
-            f"Slices reached the inboxes over {c.feed_seconds:g} s once every node served the "
-            f"first global model; in each round a node trained on the labels it held then (at "
-            f"least {self.labels_needed}), so early rounds saw part of the data. The local-only "
-            "baselines were trained afterwards, on every label of their hospital.",
-            "Round 0 is the random initial global model; the dashed lines are each node's own "
-            "evaluation of the global model it received, on its local validation patients, as "
-            "reported to the coordinator over MQTT.",
-        )
-        config = {
-            **{k: v for k, v in c.describe().items() if k not in ("live",)},
-            "data": plan.source,
-            "labelled per node": {p.node: len(p.labelled) for p in plan.nodes},
-            "labels needed to train": self.labels_needed,
-            "broker": f"python -m fl_protocol.broker on 127.0.0.1:{self.broker_port} (no TLS)",
-            "strategy": "fedavg (coordinator), update codec fp16, signed global manifests",
-        }
-        return ReportResults(
-            title="fedscan demo: federated COVID / non-COVID CT classification",
-            models=models,
-            rounds=points,
-            config=config,
-            test_set=plan.test_summary(),
-            init="random",
-            notes=notes,
-            extra_tables={"Live predictions of the unlabelled slices (on arrival)": live},
+        return build_results(
+            self.config,
+            plan,
+            self.paths.coordinator_state,
+            local,
+            live,
+            eval_cache=self.paths.out / "eval-cache",
+            labels_needed=self.labels_needed,
+            broker_port=self.broker_port,
         )
 
 
