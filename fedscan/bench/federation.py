@@ -320,7 +320,9 @@ def markdown(out: dict[str, Any]) -> str:
             cells = []
             for table in out["bytes"]["per_model"].values():
                 row = table["codecs"][v]
-                cells.append(f"{_mb(row['bytes'])} (x{row['fp32_over_this']:.2f})")
+                ratio = row["fp32_over_this"]
+                ratio_text = f"x{ratio:.2f}" if ratio < 100 else f"1/{ratio:,.0f} of fp32"
+                cells.append(f"{_mb(row['bytes'])} ({ratio_text})")
             name = v.replace("_head", " (head only)")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -338,11 +340,19 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{c} {100 * r['accuracy']:.1f}% ({r['accuracy_diff_points_vs_fp32']:+.2f})"
                 for c, r in res["codecs"].items()
             )
-            met = "yes" if abs(res["codecs"]["int8"]["accuracy_diff_points_vs_fp32"]) <= 0.5 else ""
-            met = met or "**no**"
+            int8 = res["codecs"]["int8"]
+            met = "yes" if abs(int8["accuracy_diff_points_vs_fp32"]) <= 0.5 else "**no**"
+            ref = res["codecs"]["fp32"]
+            (tn, fp), (fn, tp) = ref["confusion"]
+            aucs = f"; AUC fp32 {ref['auc']:.4f}, int8 {int8['auc']:.4f}" if ref["auc"] else ""
+            blind = (
+                "; one class predicted: accuracy cannot tell codecs apart"
+                if not ((tp + fp) and (tn + fn))
+                else ""
+            )
             summary.append(
-                f"| FedAvg step, {arch}, 3 hospitals, test n={res['n_test']} | {accs} | "
-                f"int8 within 0.5 points | {met} |"
+                f"| FedAvg step, {arch}, 3 hospitals, test n={res['n_test']} | {accs}{aucs}"
+                f"{blind} | int8 within 0.5 points | {met} |"
             )
     if "aggregation" in out:
         agg = out["aggregation"]
