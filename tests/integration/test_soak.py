@@ -121,7 +121,8 @@ def run_soak(
     (also written to ``out/soak.json`` and the curve to ``out/soak.csv``)."""
     assert node.proc is not None
     feeder = Feeder(node.inbox)
-    sampler = ProcessSampler(node.proc.pid, every_s, progress=node.n_predictions)
+    base = node.n_predictions()  # e.g. a federated node's labelled slices
+    sampler = ProcessSampler(node.proc.pid, every_s, progress=lambda: node.n_predictions() - base)
     sampler.sample()
     sampler.start()
     t0 = time.monotonic()
@@ -130,11 +131,11 @@ def run_soak(
         while feeder.written < total:
             feeder.burst(min(burst, total - feeder.written))
             if warm == 0:
-                wait_for(lambda: node.n_predictions() >= feeder.frames, 120, "first burst")
+                wait_for(lambda: node.n_predictions() - base >= feeder.frames, 120, "1st burst")
                 sampler.sample()
                 warm = len(sampler.samples) - 1
             time.sleep(pause_s)
-        wait_for(lambda: node.n_predictions() >= feeder.frames, 600, "every slice predicted")
+        wait_for(lambda: node.n_predictions() - base >= feeder.frames, 900, "every slice")
         time.sleep(every_s)  # one more sample at rest
     finally:
         sampler.stop()
@@ -149,9 +150,9 @@ def run_soak(
     return summary
 
 
-def check_after_soak(node: NodeProcess, summary: dict[str, Any]) -> None:
+def check_after_soak(node: NodeProcess, summary: dict[str, Any], other_files: int = 0) -> None:
     doc = audit_cli(node.toml, wait_s=120)
-    files = summary["files"]
+    files = summary["files"] + other_files
     assert doc == {
         "files_seen": files,
         "predicted": files,
@@ -159,7 +160,7 @@ def check_after_soak(node: NodeProcess, summary: dict[str, Any]) -> None:
         "quarantined": 0,
         "missing": [],
     }
-    assert one_prediction_per_slice(node.db) == summary["slices"]
+    assert one_prediction_per_slice(node.db) == summary["slices"] + other_files
     fds, threads = summary["fds"], summary["threads"]
     assert fds["max"] <= fds["after_first_burst"] + FD_GROWTH_MAX, fds
     assert threads["max"] <= threads["after_first_burst"] + THREAD_GROWTH_MAX, threads
@@ -194,3 +195,47 @@ def test_soak_5000_slices(tmp_path: Path) -> None:
         check_sqlite(node.db)
     finally:
         node.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_soak_5000_slices_while_rounds_run(tmp_path: Path) -> None:
+    """The same 5,000 files while a real coordinator (embedded broker) runs eight rounds with
+    this node: it trains in its compute worker (four local epochs, so the rounds spread over
+    the soak), installs each new global model (cnn2d, ONNX export, hot swap) and keeps
+    predicting; the soak figures cover the daemon process."""
+    from coordinator.service import read_broker_port
+    from tests.integration.test_federation_rounds import (
+        TIMEOUT,
+        Coordinator,
+        FedNode,
+        write_coordinator,
+    )
+    from tests.integration.test_federation_rounds import wait_for as fwait
+
+    rounds = 8
+    config = write_coordinator(
+        tmp_path / "coordinator", None, "s", num_rounds=rounds, local_epochs=4, eval_wait_s=300.0
+    )  # eval_wait_s keeps the embedded broker up until the node has the last model
+    coord = Coordinator(config)
+    node: FedNode | None = None
+    try:
+        coord.start()
+        port = fwait(lambda: read_broker_port(coord.state_dir), 60, "broker", (coord.log,))
+        node = FedNode(tmp_path / "s", "s", f"mqtt://127.0.0.1:{port}")
+        node.start()
+        fwait(lambda: node is not None and node.served() is not None, TIMEOUT, "a model")
+        summary = run_soak(tmp_path, node, soak_slices(5000), 250, 2.0, SAMPLE_S)
+        last = str(rounds)
+        fwait(lambda: node is not None and node.served() == last, TIMEOUT, "last", (node.log,))
+        versions = node.query("SELECT model_version, COUNT(*) FROM predictions GROUP BY 1")
+        print(f"predictions per served global version: {dict(versions)}")
+        assert len(versions) >= 2  # the soak spanned at least one swap
+        check_after_soak(node, summary, other_files=len(node.uids))
+        assert coord.status()["global_version"] == rounds
+        assert node.terminate() == 0
+        check_sqlite(node.db)
+    finally:
+        coord.stop()
+        if node is not None:
+            node.kill()
