@@ -41,6 +41,7 @@ class Quarantine:
             except FileNotFoundError:
                 return None
             except OSError as exc:
+                dst.unlink(missing_ok=True)  # no partial copy left on a full disk
                 log.error("quarantine copy failed for file %s: %s", path_tag(src), exc.strerror)
                 return None
             record = {
@@ -52,8 +53,13 @@ class Quarantine:
             }
             reason_path = dst.with_name(dst.name + ".reason.json")
             tmp = reason_path.with_name("." + reason_path.name + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, reason_path)
+            try:
+                tmp.write_text(json.dumps(record, indent=2) + "\n")
+                os.replace(tmp, reason_path)
+            except OSError as exc:  # disk full: the node's state still records the reason
+                tmp.unlink(missing_ok=True)
+                log.error("quarantine reason file not written for file %s: %s",
+                          path_tag(src), exc.strerror)  # fmt: skip
         log.warning("quarantined file %s: %s", path_tag(src), reason)
         return dst
 
