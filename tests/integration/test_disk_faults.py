@@ -249,3 +249,27 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
         state = json.loads((cfg.paths.state_dir / "federation" / "sync.json").read_text())
         assert state["served_version"] == 2
         sync.close()
+
+
+def test_quarantine_on_a_full_disk_still_records_the_outcome(tmp_path: Path) -> None:
+    """The quarantine folder's disk has room for the copy of a refused file but not for its
+    reason file (or for nothing at all): the refusal is still recorded, the node goes on."""
+    node = node_on(tmp_path / "node")
+    with tmpfs(node.folder / "quarantine", "8k"):
+        node.start()
+        try:
+            exact = node.inbox / "junk_8k.dcm"  # fills the quarantine disk: reason file fails
+            exact.write_bytes(b"\x07" * 8192)
+            wait_for(lambda: node.outcome(exact), 30, "outcome of the first refused file")
+            later = node.inbox / "junk_small.dcm"  # no room left at all
+            later.write_bytes(b"\x07" * 100)
+            good = node.inbox / "good.dcm"
+            write_ct(good, rows=64, cols=64)
+            wait_for(lambda: node.outcome(later) and node.outcome(good), 30, "more outcomes")
+            assert (node.outcome(exact) or ("",))[0] == "quarantined"
+            assert (node.outcome(later) or ("",))[0] == "quarantined"
+            assert node.outcome(good) == ("predicted", None)
+            assert audit_cli(node.toml, wait_s=30)["missing"] == []
+            assert node.alive() and node.terminate() == 0
+        finally:
+            node.kill()
