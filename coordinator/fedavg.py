@@ -2,7 +2,12 @@
 the node deltas weighted by each node's number of training samples.
 
 Streaming: one float32 accumulator per tensor (``sum_i n_i * delta_i``) and the total weight
-per tensor, so memory is one model plus the delta being folded in, however many nodes report.
+per tensor. An update is folded in tensor by tensor: from the spool (``Strategy.aggregate``
+hands a lazy :func:`coordinator.strategy.source_tensors` view) each tensor is decoded, added
+weighted into its accumulator and dropped before the next is decoded, so memory is the global
+model plus the accumulator plus one decoded tensor, however many nodes report. Every tensor
+goes through the same float32 ``acc += n * delta`` in the same node order as a whole-delta
+fold, so the result is bit-identical to accumulating whole decoded deltas.
 A node may omit tensors (a "trainable only" round); each tensor is averaged over the nodes
 that sent it and left unchanged when none did.
 """
@@ -41,18 +46,22 @@ class FedAvg(Strategy):
         if self._global is None:
             raise StateError("accumulate() before begin_round()")
         w = float(num_samples) if self.weighted else 1.0
-        for key, value in delta.items():
-            g = self._global[key]
-            if is_counter(key, g):
-                prev = self._int_max.get(key)
-                self._int_max[key] = value.copy() if prev is None else np.maximum(prev, value)
-                continue
-            acc = self._acc.get(key)
-            if acc is None:
-                acc = self._acc[key] = np.zeros(g.shape, dtype=np.float32)
-            weighted_accumulate(acc, value, w)
-            self._weight[key] = self._weight.get(key, 0.0) + w
+        for key in delta:
+            # one lookup per key, the tensor only lives in _fold: a lazy delta decodes it here
+            self._fold(key, self._global[key], delta[key], w)
         self.num_updates += 1
+
+    def _fold(self, key: str, g: np.ndarray, value: np.ndarray, w: float) -> None:
+        """Fold tensor ``key`` (global value ``g``) of one node's delta in with weight ``w``."""
+        if is_counter(key, g):
+            prev = self._int_max.get(key)
+            self._int_max[key] = value.copy() if prev is None else np.maximum(prev, value)
+            return
+        acc = self._acc.get(key)
+        if acc is None:
+            acc = self._acc[key] = np.zeros(g.shape, dtype=np.float32)
+        weighted_accumulate(acc, value, w)
+        self._weight[key] = self._weight.get(key, 0.0) + w
 
     def mean_delta(self) -> dict[str, np.ndarray]:
         """The weighted mean delta per float tensor that any node sent (turns the accumulators

@@ -4,9 +4,12 @@ An accepted update is spooled exactly as it arrived: the verified, still-encoded
 (safetensors with ``fl_protocol.codecs`` metadata), written atomically (temp file, fsync,
 rename, fsync of the directory). That keeps the spool as small as the wire format (an int8
 resnet18 delta is ~11 MB, not 45) and costs nothing to write. Aggregation, including after a
-restart, decodes these files again: whole (:meth:`SpoolFile.load`, for streaming strategies)
-or one tensor at a time (:meth:`SpoolFile.tensor`, for the trimmed mean). Plain float
-safetensors files (no codec metadata) are read as they are.
+restart, decodes these files again one tensor at a time (:meth:`SpoolFile.tensor`: FedAvg and
+the strategies built on it fold each tensor in and drop it; the trimmed mean stacks one tensor
+of every node), never the whole file at once; :meth:`SpoolFile.load` decodes everything (tests,
+small files). Read tensor by tensor, a file is refused like the whole decode refuses it: a
+tensor that decodes to NaN or inf, a wrong dtype or scale, a tensor count that differs from the
+metadata. Plain float safetensors files (no codec metadata) are read as they are.
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ class SpoolFile:
         self._keys = [k for k in names if not k.endswith(codecs.SCALE_SUFFIX)]
         suffix = codecs.SCALE_SUFFIX
         self._scaled = {k.removesuffix(suffix) for k in names if k.endswith(suffix)}
+        if encoded and meta.get("tensors") not in (None, str(len(self._keys))):
+            raise StateError(
+                f"spooled update unreadable: {self.path.name}: holds {len(self._keys)} tensors, "
+                f"its metadata says {meta.get('tensors')}"
+            )
 
     @property
     def num_samples(self) -> int:
@@ -105,7 +113,12 @@ class SpoolFile:
             raw = stored[key]
             if self._codec is None or (raw.dtype.kind in "iub" and key not in self._scaled):
                 return np.asarray(raw)
-            return self._codec.decode_tensor(key, stored)
+            del raw
+            value = self._codec.decode_tensor(key, stored)
+            del stored  # the stored form is not needed once decoded
+            if not np.all(np.isfinite(value)):
+                raise CodecError(f"tensor {key!r} decodes to NaN or inf")
+            return value
         except (OSError, ValueError, CodecError) as exc:
             raise StateError(f"spooled update unreadable: {self.path.name}: {exc}") from exc
 

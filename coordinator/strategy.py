@@ -4,13 +4,17 @@ A strategy turns the accepted deltas of one round into the next global weights. 
 contract keeps memory at one model whatever the number of nodes::
 
     strategy.begin_round(global_weights)
-    for update in accepted_updates:          # loaded one at a time from the disk spool
-        strategy.accumulate(update.load(), update.num_samples)
+    for update in accepted_updates:          # read from the disk spool one after the other
+        strategy.accumulate(source_tensors(update), update.num_samples)
     new_global = strategy.finish()
 
-``aggregate(global_weights, updates)`` runs exactly that over :class:`UpdateSource` objects;
-strategies that need every update at once (trimmed mean) override it to read the spool tensor
-by tensor instead. Strategies register by name with :func:`register_strategy` and are built by
+``aggregate(global_weights, updates)`` runs exactly that over :class:`UpdateSource` objects.
+:func:`source_tensors` is a lazy, read-only view of one update: each tensor is decoded from the
+spool when it is looked up, so a strategy that folds ``delta[key]`` key by key (FedAvg and the
+strategies built on it) never holds a whole decoded update, only one decoded tensor besides its
+own state. ``accumulate`` also takes an ordinary in-memory mapping. Strategies that need every
+update at once (trimmed mean) override ``aggregate`` to read the spool tensor by tensor across
+all updates instead. Strategies register by name with :func:`register_strategy` and are built by
 :func:`create_strategy`; an unknown name raises ``UnknownStrategyError`` listing the choices.
 State that must survive a restart (FedAdam's moments) goes through ``state_dict`` /
 ``load_state_dict`` and is checkpointed next to the global weights.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
@@ -57,6 +61,35 @@ class UpdateSource(Protocol):
         ...
 
 
+class _SourceTensors(Mapping[str, np.ndarray]):
+    """A read-only mapping over one update whose values are decoded on each lookup."""
+
+    def __init__(self, source: UpdateSource) -> None:
+        self._source = source
+        self._keys = list(source.keys())
+        self._key_set = frozenset(self._keys)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._source.tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+
+def source_tensors(source: UpdateSource) -> Mapping[str, np.ndarray]:
+    """``source`` as a lazy mapping: ``m[key]`` decodes that one tensor (again on every lookup,
+    so look each key up once and let the tensor go before the next)."""
+    return _SourceTensors(source)
+
+
 class Strategy(ABC):
     """Base of all strategies; subclasses set ``name`` and implement the streaming trio."""
 
@@ -70,7 +103,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def accumulate(self, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
-        """Fold one node's delta in; the delta may be released afterwards."""
+        """Fold one node's delta in; the delta may be released afterwards.
+
+        ``delta`` may be lazy (:func:`source_tensors`): look each key up once, fold that tensor
+        and drop it before the next, so a whole decoded delta never sits in memory. Never
+        modify the tensors (an in-memory caller still owns them)."""
 
     @abstractmethod
     def finish(self) -> Weights:
@@ -79,10 +116,11 @@ class Strategy(ABC):
     def aggregate(
         self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateSource]
     ) -> Weights:
-        """Aggregate spooled updates; default: stream them one whole delta at a time."""
+        """Aggregate spooled updates; default: stream them one update after the other, each
+        seen through :func:`source_tensors` (decoded tensor by tensor as ``accumulate`` reads)."""
         self.begin_round(global_weights)
         for update in updates:
-            self.accumulate(update.load(), update.num_samples)
+            self.accumulate(source_tensors(update), update.num_samples)
         return self.finish()
 
     def round_config(self) -> dict[str, Any]:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from coordinator.errors import ConfigError, UnknownStrategyError
+from coordinator.errors import ConfigError, StateError, UnknownStrategyError
 from coordinator.fedadam import FedAdam
 from coordinator.fedavg import FedAvg
-from coordinator.spool import SpoolFile, save_tensors
-from coordinator.strategy import create_strategy, list_strategies
+from coordinator.spool import SpoolFile, load_tensors, save_tensors
+from coordinator.strategy import Strategy, create_strategy, list_strategies
 from coordinator.trimmed_mean import TrimmedMean
 from fl_protocol import codecs
 
@@ -121,7 +122,7 @@ def test_fedadam_steps_match_the_papers_formula() -> None:
     """Two server steps of Reddi et al. Algorithm 2, written out independently here."""
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     x = np.array([1.0, -2.0, 0.5], np.float32)
-    g = {"w": x, "steps": np.array(0, np.int64)}
+    g: dict[str, np.ndarray] = {"w": x, "steps": np.array(0, np.int64)}
     s = FedAdam(eta=eta, beta1=b1, beta2=b2, tau=tau)
     m = np.zeros(3)
     v = np.full(3, tau**2)
@@ -217,7 +218,7 @@ def _peak_bytes(fn: object) -> int:
 
 def test_fedavg_streaming_memory_does_not_grow_with_nodes() -> None:
     """Peak memory of FedAvg over 2 or 16 generated updates differs by far less than a model."""
-    shapes = {f"t{i}": (50_000,) for i in range(8)}
+    shapes: dict[str, tuple[int, ...]] = {f"t{i}": (50_000,) for i in range(8)}
     model_bytes = sum(4 * s[0] for s in shapes.values())
     g = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
 
@@ -226,12 +227,121 @@ def test_fedavg_streaming_memory_does_not_grow_with_nodes() -> None:
 
     few, many = _peak_bytes(lambda: run(2)), _peak_bytes(lambda: run(16))
     assert many - few < 0.25 * model_bytes
-    assert many < 4 * model_bytes  # accumulator + result + one delta, not 16 deltas
+    # accumulator (which becomes the result) + one tensor being folded, never a whole delta
+    assert many < 1.5 * model_bytes
+
+
+# resnet-like proportions: one tensor is a fifth of the model, a few are medium, many are tiny
+_SPOOL_SHAPES: dict[str, tuple[int, ...]] = {
+    "layer4.conv.weight": (64, 64, 3, 3),
+    "layer3.conv.weight": (32, 64, 3, 3),
+    "layer2.conv.weight": (32, 32, 3, 3),
+    **{f"layer{i}.conv2.weight": (48, 48, 3, 3) for i in range(1, 5)},
+    **{f"layer{i}.bn.weight": (64,) for i in range(1, 9)},
+    "fc.weight": (2, 512),
+    "fc.bias": (2,),
+}
+
+
+def _spool(
+    tmp_path: Path, codec: str, nodes: int, partial_every: int = 0
+) -> tuple[dict[str, np.ndarray], list[SpoolFile]]:
+    """A global checkpoint (with a float32 batch counter) and ``nodes`` encoded spool files;
+    every ``partial_every``-th node sends the head only (a "trainable only" update)."""
+    rng = np.random.default_rng(7)
+    g = {k: rng.normal(size=s).astype(np.float32) for k, s in _SPOOL_SHAPES.items()}
+    g["bn.num_batches_tracked"] = np.array(40.0, np.float32)
+    save_tensors(tmp_path / "global.safetensors", g)
+    files = []
+    for i in range(nodes):
+        delta = {k: (0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in g.items()} | {
+            "bn.num_batches_tracked": np.array(float(3 + i % 4), np.float32)
+        }
+        head_only = partial_every and i % partial_every == 1
+        keys = ("fc.weight", "fc.bias") if head_only else None
+        path = tmp_path / f"{codec}-{i}.safetensors"
+        path.write_bytes(codecs.encode(delta, codec, keys))
+        files.append(SpoolFile(path, 5 + 7 * i))
+    return g, files
+
+
+def _whole_update_fold(
+    strategy: Strategy, g: dict[str, np.ndarray], files: list[SpoolFile]
+) -> dict[str, np.ndarray]:
+    """The former streaming path: every update decoded whole (``SpoolFile.load``), then folded."""
+    strategy.begin_round(g)
+    for f in files:
+        strategy.accumulate(f.load(), f.num_samples)
+    return strategy.finish()
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8", "int8_channel"])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("fedavg", {}),
+        ("fedavg", {"weighted": False}),
+        ("fedprox", {"mu": 0.1}),
+        ("fedadam", {"eta": 0.05}),
+    ],
+)
+def test_tensor_by_tensor_fold_is_bit_identical_to_whole_update_fold(
+    tmp_path: Path, codec: str, name: str, kwargs: dict[str, Any]
+) -> None:
+    """Folding each spooled update tensor by tensor (``aggregate``) gives exactly the bytes of
+    decoding every update whole and folding it, head-only updates and counters included; for
+    FedAdam over two rounds, moments included."""
+    g, files = _spool(tmp_path, codec, nodes=7, partial_every=3)
+    per_tensor, whole = create_strategy(name, **kwargs), create_strategy(name, **kwargs)
+    for _ in range(2):
+        got = per_tensor.aggregate(g, files)
+        expected = _whole_update_fold(whole, g, files)
+        assert sorted(got) == sorted(expected) == sorted(g)
+        for key in g:
+            assert got[key].dtype == expected[key].dtype == g[key].dtype
+            assert got[key].tobytes() == expected[key].tobytes(), key
+        assert float(got["bn.num_batches_tracked"]) == float(g["bn.num_batches_tracked"]) + 6
+        assert not np.array_equal(got["layer4.conv.weight"], g["layer4.conv.weight"])
+        g = got
+    ours, theirs = per_tensor.state_dict(), whole.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        assert ours[key].tobytes() == theirs[key].tobytes(), key
+
+
+def test_a_corrupt_spooled_tensor_is_refused_when_read_alone(tmp_path: Path) -> None:
+    """A spooled tensor that decodes to inf is refused tensor by tensor as the whole decode
+    refuses it (StateError naming the file, not a silently poisoned model)."""
+    g, files = _spool(tmp_path, "fp16", nodes=2)
+    bad = tmp_path / "bad.safetensors"
+    tensors, meta = load_tensors(files[1].path)
+    tensors["fc.bias"] = np.array([0.5, np.inf], np.float16)
+    save_tensors(bad, tensors, meta)
+    with pytest.raises(StateError, match=r"bad\.safetensors.*NaN or inf"):
+        create_strategy("fedavg").aggregate(g, [files[0], SpoolFile(bad, 3)])
+
+
+@pytest.mark.parametrize("nodes", [2, 24])
+def test_fedavg_from_the_spool_peaks_below_three_models(tmp_path: Path, nodes: int) -> None:
+    """The aggregation step as the coordinator runs it (load the global checkpoint, fold every
+    spooled fp16 update, return the new weights) peaks below 3x one model, whatever N: global
+    + accumulator + one decoded tensor, never a whole update's bytes and decoded copy."""
+    _g, files = _spool(tmp_path, "fp16", nodes)
+    model_bytes = sum(v.nbytes for v in _g.values())
+    del _g
+
+    def step() -> None:
+        g, _meta = load_tensors(tmp_path / "global.safetensors")
+        out = create_strategy("fedavg").aggregate(g, files)
+        assert len(out) == len(g)
+
+    peak = _peak_bytes(step)
+    assert peak < 3 * model_bytes, peak / model_bytes
 
 
 def test_trimmed_mean_memory_is_one_tensor_per_node_not_one_model(tmp_path: Path) -> None:
     """Reading the spool tensor by tensor keeps 12 nodes x 10 tensors far below 12 models."""
-    shapes = {f"t{i}": (50_000,) for i in range(10)}
+    shapes: dict[str, tuple[int, ...]] = {f"t{i}": (50_000,) for i in range(10)}
     model_bytes = sum(4 * s[0] for s in shapes.values())
     g = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     files = []
