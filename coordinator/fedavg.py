@@ -46,9 +46,10 @@ class FedAvg(Strategy):
         if self._global is None:
             raise StateError("accumulate() before begin_round()")
         w = float(num_samples) if self.weighted else 1.0
-        for key in delta:
-            # one lookup per key, the tensor only lives in _fold: a lazy delta decodes it here
-            self._fold(key, self._global[key], delta[key], w)
+        for key, value in delta.items():
+            # a lazy delta decodes each tensor as the loop advances: drop it before the next
+            self._fold(key, self._global[key], value, w)
+            del value
         self.num_updates += 1
 
     def _fold(self, key: str, g: np.ndarray, value: np.ndarray, w: float) -> None:

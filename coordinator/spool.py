@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -106,21 +107,35 @@ class SpoolFile:
         """One tensor, decoded to float32 (integer counters pass through)."""
         try:
             with safe_open(str(self.path), framework="numpy") as f:
-                stored = {key: f.get_tensor(key)}
-                if key in self._scaled:
-                    scale = key + codecs.SCALE_SUFFIX
-                    stored[scale] = f.get_tensor(scale)
-            raw = stored[key]
-            if self._codec is None or (raw.dtype.kind in "iub" and key not in self._scaled):
-                return np.asarray(raw)
-            del raw
-            value = self._codec.decode_tensor(key, stored)
-            del stored  # the stored form is not needed once decoded
-            if not np.all(np.isfinite(value)):
-                raise CodecError(f"tensor {key!r} decodes to NaN or inf")
-            return value
+                return self._decode(f, key)
         except (OSError, ValueError, CodecError) as exc:
             raise StateError(f"spooled update unreadable: {self.path.name}: {exc}") from exc
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every tensor in turn, decoded one at a time from one open file (FedAvg's fold)."""
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                for key in self._keys:
+                    # no local name for the tensor: the suspended generator must not keep it
+                    yield key, self._decode(f, key)
+        except (OSError, ValueError, CodecError) as exc:
+            raise StateError(f"spooled update unreadable: {self.path.name}: {exc}") from exc
+
+    def _decode(self, f: Any, key: str) -> np.ndarray:
+        """Tensor ``key`` (with its scale, if quantized) from the open file ``f``, decoded."""
+        stored = {key: f.get_tensor(key)}
+        if key in self._scaled:
+            scale = key + codecs.SCALE_SUFFIX
+            stored[scale] = f.get_tensor(scale)
+        raw = stored[key]
+        if self._codec is None or (raw.dtype.kind in "iub" and key not in self._scaled):
+            return np.asarray(raw)
+        del raw
+        value = self._codec.decode_tensor(key, stored)
+        del stored  # the stored form is not needed once decoded
+        if not np.all(np.isfinite(value)):
+            raise CodecError(f"tensor {key!r} decodes to NaN or inf")
+        return value
 
     def load(self) -> dict[str, np.ndarray]:
         if self._codec is None:

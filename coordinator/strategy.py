@@ -25,8 +25,8 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Protocol, TypeVar
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -61,6 +61,25 @@ class UpdateSource(Protocol):
         ...
 
 
+@runtime_checkable
+class SequentialSource(Protocol):
+    """An update that can also be read front to back with one open file (``SpoolFile``)."""
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every tensor, decoded one at a time as the iterator advances (the iterator keeps no
+        reference to a tensor it has handed out)."""
+        ...
+
+
+class _StreamedItems(ItemsView[str, np.ndarray]):
+    def __init__(self, view: _SourceTensors, source: SequentialSource) -> None:
+        super().__init__(view)
+        self._source = source
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return self._source.tensors()
+
+
 class _SourceTensors(Mapping[str, np.ndarray]):
     """A read-only mapping over one update whose values are decoded on each lookup."""
 
@@ -82,6 +101,12 @@ class _SourceTensors(Mapping[str, np.ndarray]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._key_set
+
+    def items(self) -> ItemsView[str, np.ndarray]:
+        """Tensor by tensor; one pass over one open file when the source can (a spool file)."""
+        if isinstance(self._source, SequentialSource):
+            return _StreamedItems(self, self._source)
+        return super().items()
 
 
 def source_tensors(source: UpdateSource) -> Mapping[str, np.ndarray]:
