@@ -21,7 +21,7 @@ demo: venv
 	$(UV) run --frozen fedscan demo --out demo-out
 
 test: venv
-	$(UV) run --frozen pytest -q -m "not slow" -p no:cacheprovider
+	$(UV) run --frozen pytest -q --quick -m "not slow" -p no:cacheprovider
 
 test-all: venv
 	$(UV) run --frozen pytest -q -p no:cacheprovider
