@@ -13,6 +13,9 @@ Reason codes (``exc.reason``), stable and greppable:
                       missing_uid      no SOPInstanceUID anywhere (cannot dedupe or store)
     PixelDecodeError  pixel_decode     the decoder for this transfer syntax failed on the data
                       no_decoder       no installed plugin handles this transfer syntax
+                      jpeg_header_mismatch
+                                       a JPEG Lossless / JPEG-LS frame header (SOF) disagrees
+                                       with the DICOM header, or has none (see check_jpeg_frames)
     SkippedInput      no_pixel_data    a valid object without an image (SR, presentation state...)
 
 Messages never carry patient identifiers or paths: the caller knows the path.
@@ -30,6 +33,7 @@ import io
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,7 +41,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import generate_fragmented_frames, generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
@@ -237,6 +241,8 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         ts = str(ExplicitVRLittleEndian)
     elif "PixelData" in ds and not _is_encapsulated(ds, ts):
         _check_native_length(ds)
+    elif ts in GDCM_SYNTAXES and "PixelData" in ds:
+        check_jpeg_frames(ds)  # gdcm aborts the process on a mismatch: refuse before it
     try:
         arr = pixel_array(ds)  # not ds.pixel_array: no cached copy kept on the dataset
     except NotImplementedError as exc:
@@ -254,6 +260,125 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
             PixelDecodeError, "pixel_decode", f"{_ts_name(ts)} decoder panicked: {_short(exc)}"
         ) from exc
     return _frames_first(ds, arr)
+
+
+# JPEG Lossless (Process 14, and its SV1 selection) and JPEG-LS (lossless, near-lossless): with
+# pylibjpeg-libjpeg absent pydicom hands these to python-gdcm, which throws a C++ gdcm::Exception
+# that nothing catches (std::terminate -> SIGABRT: the whole process dies) when the frame does
+# not fit the header. Found empirically (tests/edge_node/test_fuzz_dicom.py), gdcm aborts on:
+#   - JPEG-LS: Rows or Columns larger than the frame's SOF height / width;
+#   - JPEG Lossless: BitsAllocated 32 or 64; BitsAllocated 8 with BitsStored below the SOF
+#     precision (an 8-bit frame declared 1..7 bits).
+# Everything else that disagrees raised a Python error or decoded junk. check_jpeg_frames
+# refuses a superset: any SOF/header disagreement, so no variant of these reaches gdcm.
+GDCM_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (SV1)
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    }
+)
+# SOF0/SOF1 (baseline / extended DCT: some writers mislabel), SOF3 (lossless), SOF55 (JPEG-LS).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC3, 0xF7})
+# Markers that stand alone (no length field): TEM, RSTn, SOI, EOI.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8, 0xD9})
+_SOS = 0xDA
+
+
+@dataclass(frozen=True)
+class JpegFrameHeader:
+    """What a JPEG SOF segment says about one frame."""
+
+    marker: int  # 0xC0, 0xC1, 0xC3 or 0xF7
+    precision: int  # P, bits per sample
+    rows: int  # Y; 0 means "defined later by a DNL marker"
+    columns: int  # X
+    components: int  # Nf
+
+
+def jpeg_frame_header(frame: bytes) -> JpegFrameHeader | None:
+    """The SOF of a JPEG / JPEG-LS codestream (the first fragment of a frame is enough: the
+    marker segments before the scan are small); None when there is none before the scan."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(frame)
+    while i + 2 <= n:
+        if frame[i] != 0xFF:
+            return None  # junk between marker segments
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        (length,) = struct.unpack_from(">H", frame, i + 2)
+        if marker in _SOF_MARKERS:
+            if length < 8 or i + 10 > n:
+                return None
+            p, y, x, nf = struct.unpack_from(">BHHB", frame, i + 4)
+            return JpegFrameHeader(marker, p, y, x, nf)
+        if marker == _SOS or length < 2:
+            return None  # the scan began (or a broken length) without a frame header
+        i += 2 + length
+    return None
+
+
+def check_jpeg_frames(ds: Dataset) -> None:
+    """Refuse (PixelDecodeError "jpeg_header_mismatch") a JPEG Lossless / JPEG-LS object whose
+    frames gdcm could abort on: each frame's first fragment must hold a SOF whose height, width,
+    component count match Rows, Columns, SamplesPerPixel, whose precision fits BitsAllocated
+    (8 or 16: what gdcm's JPEG codecs produce), and, for 8-bit data, BitsStored must not be
+    below that precision. A SOF height of 0 (height given by a DNL marker after the scan) cannot
+    be checked against Rows without decoding, so it is refused too: safe over lenient.
+    """
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"image geometry missing: {_short(exc)}"
+        ) from exc
+    if bits_allocated not in (8, 16):
+        raise _mismatch(f"BitsAllocated {bits_allocated} (JPEG lossless decodes to 8 or 16)")
+    n = number_of_frames(ds)
+    try:
+        frames = list(generate_fragmented_frames(ds.PixelData, number_of_frames=n))
+    except _DECODE_ERRORS as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"encapsulated frames unreadable: {_short(exc)}"
+        ) from exc
+    if len(frames) < n:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"{len(frames)} encapsulated frames of {n}"
+        )
+    for index, fragments in enumerate(frames[:n]):
+        sof = jpeg_frame_header(fragments[0]) if fragments else None
+        if sof is None:
+            raise _mismatch(f"frame {index}: no JPEG frame header (SOF)")
+        problems = []
+        if sof.rows == 0:
+            problems.append("height deferred to a DNL marker (unverifiable)")
+        elif sof.rows != rows:
+            problems.append(f"height {sof.rows} != Rows {rows}")
+        if sof.columns != cols:
+            problems.append(f"width {sof.columns} != Columns {cols}")
+        if sof.components != spp:
+            problems.append(f"{sof.components} components != SamplesPerPixel {spp}")
+        if not 2 <= sof.precision <= bits_allocated:
+            problems.append(f"precision {sof.precision} vs BitsAllocated {bits_allocated}")
+        elif bits_allocated == 8 and bits_stored < sof.precision:
+            problems.append(f"precision {sof.precision} > BitsStored {bits_stored} (8-bit)")
+        if problems:
+            raise _mismatch(f"frame {index}: " + "; ".join(problems))
+
+
+def _mismatch(message: str) -> PixelDecodeError:
+    return input_error(PixelDecodeError, "jpeg_header_mismatch", message)
 
 
 def _frames_first(ds: Dataset, arr: np.ndarray) -> np.ndarray:
