@@ -121,7 +121,13 @@ class Daemon:
             slices_per_run=config.inference.batch_size,
             batch_wait_ms=config.watcher.batch_wait_ms,
             stats=self.stats,
+            decoding_dir=paths.state_dir / "decoding",  # crash-loop guard (see Pipeline)
         )
+        # A file the previous process died decoding (a native decoder abort) is quarantined
+        # now, so that the catch-up scan below does not hand it over again: no crash loop.
+        crashed = self.pipeline.recover_crashed()
+        if crashed:
+            log.error("%d file(s) quarantined: the previous run died decoding them", crashed)
         self.watcher = Watcher(
             paths.inbox, config.watcher, self.pipeline.submit, known=self.store.file_signatures()
         )

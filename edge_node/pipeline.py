@@ -13,7 +13,9 @@ another file is skipped as a duplicate.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 DUPLICATE = "duplicate_sop_instance_uid"  # skip reason of a second file with a known SOP UID
+CRASHED_DECODER = "crashed_decoder"  # quarantine reason of a file the process died decoding
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Pipeline:
         on_finished: Callable[[ReadyFile], None] | None = None,
         on_retry: Callable[[ReadyFile], None] | None = None,
         stats: PipelineStats | None = None,
+        decoding_dir: Path | None = None,
     ) -> None:
         self.holder = holder
         self.store = store
@@ -108,6 +112,11 @@ class Pipeline:
         self._sops_inflight: dict[str, str] = {}
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self._texture_fn: Callable[[np.ndarray], np.ndarray] | None = None
+        # Crash-loop guard: a native decoder (python-gdcm) can abort the whole process on a
+        # file; the catch-up scan would hand it over again at every start. While a watched file
+        # is decoded, <decoding_dir>/<path tag>.json names it; recover_crashed() at the next
+        # start quarantines what a dead process left there. None: no guard (tests, uploads).
+        self.decoding_dir = decoding_dir
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -204,6 +213,22 @@ class Pipeline:
         from edge_node.preprocess import prepare
 
         key = model_key(model, self.preprocess_config)
+        marker = self._mark_decoding(ready)
+        try:
+            return self._prepare_marked(ready, model, key, prepare)
+        finally:
+            # The outcome of a refused file is stored by now; a prepared one is past decoding
+            # (if the process dies later, decoding it again at the next start is safe).
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+
+    def _prepare_marked(
+        self,
+        ready: ReadyFile,
+        model: OnnxModel,
+        key: tuple[float, float, int, str],
+        prepare: Callable[..., Any],
+    ) -> Prepared | Outcome:
         try:
             pf = prepare(ready.path, self._params(key))
         except FileNotFoundError:
@@ -241,6 +266,56 @@ class Pipeline:
             read_ms=pf.read_ms,
             preprocess_ms=pf.preprocess_ms,
         )
+
+    # -- crash-loop guard --------------------------------------------------------------------
+
+    def _mark_decoding(self, ready: ReadyFile) -> Path | None:
+        """Durably (for a process crash: written and renamed, no fsync) note that ``ready`` is
+        being decoded; returns the marker to remove, None when there is no guard."""
+        if self.decoding_dir is None or ready.via == "upload":
+            return None
+        marker = self.decoding_dir / f"{path_tag(ready.path)}.json"
+        tmp = marker.with_name(f".{marker.name}.tmp")
+        record = {"path": str(ready.path), "size": ready.size, "mtime": ready.mtime}
+        try:
+            self.decoding_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, marker)
+        except OSError as exc:  # a full disk must not stop decoding: only the guard is lost
+            tmp.unlink(missing_ok=True)
+            log.error(
+                "decoding marker not written for file %s: %s", path_tag(ready.path), exc.strerror
+            )
+            return None
+        return marker
+
+    def recover_crashed(self) -> int:
+        """At start, before the catch-up scan: quarantine (reason ``crashed_decoder``, outcome
+        stored) each file a previous process died decoding; returns how many."""
+        if self.decoding_dir is None or not self.decoding_dir.is_dir():
+            return 0
+        n = 0
+        for marker in sorted(self.decoding_dir.glob("*.json")):
+            try:
+                record = json.loads(marker.read_text())
+                path = Path(str(record["path"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.error("unreadable decoding marker %s removed", marker.name)
+                marker.unlink(missing_ok=True)
+                continue
+            try:
+                st = path.stat()
+            except OSError:  # gone since: nothing to record, nothing to scan again
+                marker.unlink(missing_ok=True)
+                continue
+            ready = ReadyFile(path, st.st_size, st.st_mtime, True, time.monotonic(), "catchup")
+            detail = "the node process died while decoding this file"
+            self._finish_unusable(ready, "quarantined", CRASHED_DECODER, detail, None)
+            marker.unlink(missing_ok=True)
+            n += 1
+        for tmp in self.decoding_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return n
 
     def _claim_sop(self, sop: str, path: str) -> bool:
         """False when another file with this SOP instance is in flight or already predicted."""

@@ -237,13 +237,6 @@ def test_kill_9_while_labels_are_recorded_keeps_every_committed_label(
         node.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG: python-gdcm aborts the process (std::terminate on gdcm::Exception) on a "
-    "JPEG-LS frame whose Rows disagree with its header; the catch-up scan then hands the same "
-    "file over at every start: a crash loop (fix: check the JPEG SOF before gdcm, and/or "
-    "quarantine a file that was being decoded when the process died)",
-)
 def test_a_file_that_crashes_the_decoder_does_not_crash_loop_the_node(tmp_path: Path) -> None:
     """A CT file that makes the JPEG-LS decoder abort lands in the inbox: the node must stay up
     (or come back up) and give the file an outcome, not die at every start."""
