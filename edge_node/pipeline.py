@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _STOP = object()
 DUPLICATE = "duplicate_sop_instance_uid"  # skip reason of a second file with a known SOP UID
 CRASHED_DECODER = "crashed_decoder"  # quarantine reason of a file the process died decoding
+DECODE_ATTEMPTS = 2  # deaths while decoding one file before it is quarantined as the cause
 
 
 @dataclass
@@ -114,9 +115,12 @@ class Pipeline:
         self._texture_fn: Callable[[np.ndarray], np.ndarray] | None = None
         # Crash-loop guard: a native decoder (python-gdcm) can abort the whole process on a
         # file; the catch-up scan would hand it over again at every start. While a watched file
-        # is decoded, <decoding_dir>/<path tag>.json names it; recover_crashed() at the next
-        # start quarantines what a dead process left there. None: no guard (tests, uploads).
+        # is decoded, <decoding_dir>/<path tag>.json names it with its attempt count; at the next
+        # start recover_crashed() quarantines a file the process died on DECODE_ATTEMPTS times
+        # (one death may be a SIGKILL or power cut that merely happened during its decode).
+        # None: no guard (tests, uploads).
         self.decoding_dir = decoding_dir
+        self._crashed_attempts: dict[str, int] = {}  # path -> deaths while decoding it so far
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -221,6 +225,7 @@ class Pipeline:
             # (if the process dies later, decoding it again at the next start is safe).
             if marker is not None:
                 marker.unlink(missing_ok=True)
+                self._crashed_attempts.pop(str(ready.path), None)
 
     def _prepare_marked(
         self,
@@ -276,7 +281,8 @@ class Pipeline:
             return None
         marker = self.decoding_dir / f"{path_tag(ready.path)}.json"
         tmp = marker.with_name(f".{marker.name}.tmp")
-        record = {"path": str(ready.path), "size": ready.size, "mtime": ready.mtime}
+        attempt = self._crashed_attempts.get(str(ready.path), 0) + 1
+        record = {"path": str(ready.path), "attempt": attempt}
         try:
             self.decoding_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(record))
@@ -291,14 +297,15 @@ class Pipeline:
 
     def recover_crashed(self) -> int:
         """At start, before the catch-up scan: quarantine (reason ``crashed_decoder``, outcome
-        stored) each file a previous process died decoding; returns how many."""
+        stored) each file the process died decoding ``DECODE_ATTEMPTS`` times; a first death is
+        remembered and the file decoded again. Returns how many were quarantined."""
         if self.decoding_dir is None or not self.decoding_dir.is_dir():
             return 0
         n = 0
         for marker in sorted(self.decoding_dir.glob("*.json")):
             try:
                 record = json.loads(marker.read_text())
-                path = Path(str(record["path"]))
+                path, attempt = Path(str(record["path"])), int(record["attempt"])
             except (OSError, ValueError, KeyError, TypeError):
                 log.error("unreadable decoding marker %s removed", marker.name)
                 marker.unlink(missing_ok=True)
@@ -308,8 +315,19 @@ class Pipeline:
             except OSError:  # gone since: nothing to record, nothing to scan again
                 marker.unlink(missing_ok=True)
                 continue
+            if attempt < DECODE_ATTEMPTS:
+                # The marker stays (rewritten with the next attempt when decoding starts), so
+                # a death before that still counts this one.
+                self._crashed_attempts[str(path)] = attempt
+                log.warning(
+                    "file %s was being decoded when the node died (%d of %d): decoding again",
+                    path_tag(path),
+                    attempt,
+                    DECODE_ATTEMPTS,
+                )
+                continue
             ready = ReadyFile(path, st.st_size, st.st_mtime, True, time.monotonic(), "catchup")
-            detail = "the node process died while decoding this file"
+            detail = f"the node process died {attempt} times while decoding this file"
             self._finish_unusable(ready, "quarantined", CRASHED_DECODER, detail, None)
             marker.unlink(missing_ok=True)
             n += 1

@@ -65,20 +65,16 @@ def ready_file(path: Path) -> ReadyFile:
     return ReadyFile(path, st.st_size, st.st_mtime, True, time.monotonic(), "catchup")
 
 
-def test_a_decoder_abort_is_quarantined_at_the_next_start(tmp_path: Path) -> None:
-    model = make_classifier(tmp_path / "models" / "m.onnx", version="1", size=SIZE)
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    poison = inbox / "poison.dcm"
-    poison.write_bytes(edited("JLSL_16_15_1_1F.dcm", Rows=256, Modality="CT"))
-
+def crash_decoding(tmp: Path, model: Path, poison: Path) -> None:
+    """One node start in a forked child, with layer 1 off: gdcm aborts it on ``poison``."""
     pid = os.fork()
-    if pid == 0:  # child: the old, unguarded decode path; gdcm aborts the process
+    if pid == 0:
         try:
             faulthandler.disable()  # the abort is expected: no dump
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
             dicom_decode.check_jpeg_frames = lambda ds: None
-            pipeline, _ = make_pipeline(tmp_path, model)
+            pipeline, _ = make_pipeline(tmp, model)
+            assert pipeline.recover_crashed() == 0
             current = pipeline.holder.current()
             assert current is not None
             pipeline._prepare(ready_file(poison), current)
@@ -86,13 +82,24 @@ def test_a_decoder_abort_is_quarantined_at_the_next_start(tmp_path: Path) -> Non
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGABRT, status
-    markers = list((tmp_path / "state" / "decoding").glob("*.json"))
-    assert len(markers) == 1
-    assert json.loads(markers[0].read_text())["path"] == str(poison)
+
+
+def test_a_decoder_abort_is_quarantined_at_the_next_start(tmp_path: Path) -> None:
+    model = make_classifier(tmp_path / "models" / "m.onnx", version="1", size=SIZE)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    poison = inbox / "poison.dcm"
+    poison.write_bytes(edited("JLSL_16_15_1_1F.dcm", Rows=256, Modality="CT"))
+
+    for attempt in (1, 2):  # the first death may be a coincidence (SIGKILL): decoded again
+        crash_decoding(tmp_path, model, poison)
+        markers = list((tmp_path / "state" / "decoding").glob("*.json"))
+        assert len(markers) == 1
+        assert json.loads(markers[0].read_text()) == {"path": str(poison), "attempt": attempt}
 
     pipeline, store = make_pipeline(tmp_path, model)  # "the next start"
     try:
-        assert pipeline.recover_crashed() == 1
+        assert pipeline.recover_crashed() == 1  # died twice on it: quarantined
         row = store.file(str(poison))
         assert row is not None and row["outcome"] == "quarantined"
         assert str(row["reason"]).startswith(CRASHED_DECODER)
@@ -187,3 +194,27 @@ def test_real_jpeg_lossless_and_ls_samples_pass_the_check() -> None:
         "emri_small_jpeg_ls_lossless.dcm",
     ):
         check_jpeg_frames(read_dataset(sample_path(name)))
+
+
+def test_one_death_while_decoding_a_good_file_does_not_quarantine_it(tmp_path: Path) -> None:
+    """A SIGKILL (or power cut) that happens during a decode: the file is decoded again."""
+    model = make_classifier(tmp_path / "models" / "m.onnx", version="1", size=SIZE)
+    good = tmp_path / "good.dcm"
+    good.write_bytes(sample_path("JLSL_16_15_1_1F.dcm").read_bytes())
+    pipeline, store = make_pipeline(tmp_path, model)
+    store.close()
+    assert pipeline._mark_decoding(ready_file(good)) is not None  # then "killed"
+
+    pipeline, store = make_pipeline(tmp_path, model)
+    try:
+        assert pipeline.recover_crashed() == 0
+        assert store.file(str(good)) is None
+        current = pipeline.holder.current()
+        assert current is not None
+        assert type(pipeline._prepare(ready_file(good), current)).__name__ == "Prepared"
+        assert list((tmp_path / "state" / "decoding").glob("*")) == []
+        assert not (tmp_path / "quarantine").exists() or not any(
+            (tmp_path / "quarantine").iterdir()
+        )
+    finally:
+        store.close()
