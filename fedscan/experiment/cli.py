@@ -31,7 +31,14 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def _run(args: argparse.Namespace) -> int:
     from fedscan.experiment.config import ExperimentConfig
-    from fedscan.experiment.runner import run_experiment
+    from fedscan.experiment.runner import resummarize, run_experiment
+
+    if args.from_json:
+        doc = resummarize(Path(args.json))
+        print(doc["markdown"])
+        return 0
+    if not args.dataset:
+        raise ExperimentError("--dataset is required (unless --from-json)")
 
     config = ExperimentConfig(
         dataset=Path(args.dataset),
@@ -73,7 +80,7 @@ def add_parser(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help="dataset folder (UCSD, class folders, index)")
+    p.add_argument("--dataset", help="dataset folder (UCSD, class folders, index)")
     p.add_argument("--json", required=True, help="results JSON to write")
     p.add_argument("--nodes", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--partition", choices=PARTITIONS, default="iid")
@@ -89,5 +96,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--cache-dir", help="where the dataset is imported (default ~/.cache/fedscan)")
     p.add_argument("--work-dir", help="label books, weights, caches (default beside --json)")
+    p.add_argument(
+        "--from-json", action="store_true",
+        help="re-summarise the --json file of an earlier run (no training)",
+    )  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="keep the trainer's per-epoch logs")
     p.set_defaults(func=_run)

@@ -160,21 +160,52 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     )
     fed_arm["strategy"] = arms.STRATEGY
     fed_arm["simulated"] = True
+    best_mean = max(names, key=lambda n: local_arm["per_hospital"][n]["accuracy"]["mean"])
+    local_arm["best_hospital_on_average"] = {"name": best_mean,
+                                             **local_arm["per_hospital"][best_mean]}  # fmt: skip
     central_arm = summarize([r["centralized"] for r in runs])
-    fed_acc = 100 * fed_arm["accuracy"]["mean"]
-    gain = fed_acc - 100 * local_arm["best_hospital"]["accuracy"]["mean"]
-    gap = 100 * central_arm["accuracy"]["mean"] - fed_acc
     return {
         "local_only": local_arm,
         "fedavg": fed_arm,
         "centralized": central_arm,
-        "target": {
-            "fedavg_minus_best_local_points": gain,
-            "centralized_minus_fedavg_points": gap,
-            "required_gain_points": TARGET_GAIN_OVER_BEST_LOCAL,
-            "allowed_gap_points": TARGET_GAP_TO_CENTRALIZED,
-            "met": gain >= TARGET_GAIN_OVER_BEST_LOCAL and gap <= TARGET_GAP_TO_CENTRALIZED,
-        },
+        "target": target_check(runs, local_arm, fed_arm, central_arm),
+    }
+
+
+def target_check(
+    runs: Sequence[Mapping[str, Any]],
+    local_arm: Mapping[str, Any],
+    fed_arm: Mapping[str, Any],
+    central_arm: Mapping[str, Any],
+) -> dict[str, Any]:
+    """FedAvg against the best local-only hospital and against centralized, in accuracy points.
+
+    Two readings of "the best local-only hospital": the strict one takes, in every seed, the
+    hospital with the highest *test* accuracy (a max of noisy estimates picked on the test set
+    itself, so biased upwards); the other takes the hospital with the best mean over seeds.
+    Paired per-seed differences and the test set's binomial standard error say how much of a
+    gap is noise.
+    """
+    fed = 100 * fed_arm["accuracy"]["mean"]
+    gain = fed - 100 * local_arm["best_hospital"]["accuracy"]["mean"]
+    gain_avg = fed - 100 * local_arm["best_hospital_on_average"]["accuracy"]["mean"]
+    gap = 100 * central_arm["accuracy"]["mean"] - fed
+    paired_gain = [100 * (r["fedavg"]["accuracy"] - r["best_hospital"]["accuracy"]) for r in runs]
+    paired_gap = [100 * (r["centralized"]["accuracy"] - r["fedavg"]["accuracy"]) for r in runs]
+    n_test = int(runs[0]["fedavg"]["n"])
+    p = fed_arm["accuracy"]["mean"]
+    return {
+        "fedavg_minus_best_local_points": gain,
+        "fedavg_minus_best_hospital_on_average_points": gain_avg,
+        "centralized_minus_fedavg_points": gap,
+        "paired_fedavg_minus_best_local_points": stats(paired_gain),
+        "paired_centralized_minus_fedavg_points": stats(paired_gap),
+        "test_set_binomial_se_points": 100 * (p * (1 - p) / n_test) ** 0.5 if n_test else None,
+        "required_gain_points": TARGET_GAIN_OVER_BEST_LOCAL,
+        "allowed_gap_points": TARGET_GAP_TO_CENTRALIZED,
+        "met": gain >= TARGET_GAIN_OVER_BEST_LOCAL and gap <= TARGET_GAP_TO_CENTRALIZED,
+        "met_against_best_hospital_on_average": gain_avg >= TARGET_GAIN_OVER_BEST_LOCAL
+        and gap <= TARGET_GAP_TO_CENTRALIZED,
     }
 
 
@@ -194,7 +225,12 @@ def markdown(doc: Mapping[str, Any]) -> str:
         (f"Local-only, mean of {len(a['local_only']['per_hospital'])} hospitals", a["local_only"])
     ]
     rows += [(f"Local-only {n}", s) for n, s in a["local_only"]["per_hospital"].items()]
-    rows.append(("Local-only, best hospital of each seed", a["local_only"]["best_hospital"]))
+    best_avg = a["local_only"].get("best_hospital_on_average")
+    if best_avg:
+        rows.append((f"Local-only, best hospital on average ({best_avg['name']})", best_avg))
+    rows.append(
+        ("Local-only, best hospital of each seed (on test)", a["local_only"]["best_hospital"])
+    )
     rows.append(("FedAvg global model (version chosen on validation)", a["fedavg"]))
     rows.append(("FedAvg global model, last round", a["fedavg"]["last_round"]))
     rows.append(("Centralized (pooled data)", a["centralized"]))
@@ -209,10 +245,15 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"{c['rounds']} rounds x {c['local_epochs']} local epochs (= {c['total_epochs']} epochs "
         f"for local-only and centralized), mean ± std over {n_seeds} seed(s); test = official "
         f"test split ({doc['test_set']['slices']} slices).",
-        f"FedAvg - best local-only: {t['fedavg_minus_best_local_points']:+.1f} points "
+        f"FedAvg - best local-only hospital of each seed: "
+        f"{t['fedavg_minus_best_local_points']:+.1f} points; FedAvg - best hospital on average: "
+        f"{t.get('fedavg_minus_best_hospital_on_average_points', float('nan')):+.1f} points "
         f"(target >= +{t['required_gain_points']:.0f}); centralized - FedAvg: "
         f"{t['centralized_minus_fedavg_points']:+.1f} points (target <= "
-        f"{t['allowed_gap_points']:.0f}): target {'met' if t['met'] else 'NOT met'}.",
+        f"{t['allowed_gap_points']:.0f}). Target {'met' if t['met'] else 'NOT met'} (strict), "
+        f"{'met' if t.get('met_against_best_hospital_on_average') else 'NOT met'} against the "
+        "best hospital on average. Test-set binomial standard error: "
+        f"{t.get('test_set_binomial_se_points') or float('nan'):.1f} points.",
         SIMULATION_NOTE,
     ]
     return "\n".join(lines)
@@ -270,6 +311,20 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     tmp = config.json_out.with_name(f".{config.json_out.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     os.replace(tmp, config.json_out)
+    return doc
+
+
+def resummarize(path: Path) -> dict[str, Any]:
+    """Recompute the arms, the target check and the table of an earlier run from its per-seed
+    ``runs`` (no training); rewrites the file."""
+    doc = load(path)
+    agg = aggregate(doc["runs"])
+    doc["arms"] = {k: agg[k] for k in ("local_only", "fedavg", "centralized")}
+    doc["target"] = agg["target"]
+    doc["markdown"] = markdown(doc)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
     return doc
 
 

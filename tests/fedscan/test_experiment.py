@@ -90,7 +90,20 @@ def test_tiny_experiment_runs_all_arms_and_writes_json(
     sizes = Counter({h["name"]: h["slices"] for h in doc["runs"][0]["hospitals"]})
     assert sum(sizes.values()) == doc["pool"]["slices"]
     printed = capsys.readouterr().out
-    assert (
-        "| FedAvg global model (version chosen on validation) |" in printed
-        and "simulated in-process" in printed
+    assert "| FedAvg global model (version chosen on validation) |" in printed
+    assert "simulated in-process" in printed
+    t = doc["target"]
+    assert t["met"] == (
+        t["fedavg_minus_best_local_points"] >= 3 and t["centralized_minus_fedavg_points"] <= 2
     )
+    assert t["test_set_binomial_se_points"] > 0
+
+    # the summary can be recomputed from the per-seed runs alone, without training
+    doc["arms"] = doc["markdown"] = None
+    out.write_text(json.dumps(doc))
+    assert main(["experiment", "--json", str(out), "--from-json"]) == 0
+    again = json.loads(out.read_text())
+    assert again["arms"]["centralized"]["accuracy"]["mean"] == pytest.approx(
+        again["runs"][0]["centralized"]["accuracy"]
+    )
+    assert "| Centralized (pooled data) |" in again["markdown"]
