@@ -162,7 +162,11 @@ class Daemon:
                 self.api = None
                 where = f"{self.config.api.host}:{self.config.api.port}"
                 raise ConfigError(f"api: cannot listen on {where}: {exc.strerror}") from exc
-            (self.config.paths.state_dir / "api.port").write_text(f"{port}\n")
+            # tmp + rename: a reader (operator script, test) never sees an empty file
+            port_file = self.config.paths.state_dir / "api.port"
+            tmp = port_file.with_name(f".api.port.{os.getpid()}.tmp")
+            tmp.write_text(f"{port}\n")
+            os.replace(tmp, port_file)
             log.info(
                 "API on http://%s:%d (token %s)",
                 self.config.api.host,
