@@ -73,7 +73,10 @@ def wait_for(
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            break
+            # The coordinator exits right after publishing the last global model (retained on
+            # the broker); the node threads may still be handling it: give them a grace period.
+            deadline = min(deadline, time.monotonic() + 15.0)
+            proc = None
         time.sleep(0.1)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
