@@ -56,11 +56,19 @@ class NodeProcess:
             self.proc = subprocess.Popen(
                 cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
             )
-        wait_for(lambda: port_file.exists() or self.proc.poll() is not None, 60, "api.port")  # type: ignore[union-attr]
-        if self.proc.poll() is not None:
-            raise AssertionError(f"node exited {self.proc.returncode}:\n{self.log.read_text()}")
-        self.port = int(port_file.read_text())
-        wait_for(lambda: self.health().get("status") == "ok", 60, "model loaded")
+        proc = self.proc
+        try:
+            wait_for(lambda: port_file.exists() or proc.poll() is not None, 60, "api.port")
+            if proc.poll() is not None:
+                raise AssertionError(f"node exited {proc.returncode}:\n{self.log.read_text()}")
+            self.port = int(port_file.read_text())
+            wait_for(lambda: self.health().get("status") == "ok", 60, "model loaded")
+        except BaseException:
+            # a start that fails must not leave a daemon running after the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            raise
         return self
 
     def health(self) -> dict[str, Any]:
