@@ -19,8 +19,8 @@ import numpy as np
 from coordinator.config import ModelConfig
 from coordinator.errors import ConfigError
 from coordinator.rounds import ModelInfo
-from coordinator.spool import atomic_write_bytes
 from coordinator.state import State
+from fl_protocol.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def save_model_info(state: State, info: ModelInfo) -> None:
         "init": info.init,
         "trainable_keys": {m: sorted(keys) for m, keys in info.trainable_keys.items()},
     }
-    atomic_write_bytes(_info_path(state), json.dumps(doc, indent=1).encode())
+    write_atomic(_info_path(state), json.dumps(doc, indent=1).encode(), sync_dir=True)
 
 
 def load_model_info(state: State) -> ModelInfo | None:

@@ -30,13 +30,13 @@ from coordinator.config import CoordinatorConfig
 from coordinator.errors import StateError, UpdateRejected
 from coordinator.publisher import Publisher
 from coordinator.receiver import Receiver
-from coordinator.spool import atomic_write_bytes
 from coordinator.state import RoundRow, State, UpdateRow
 from coordinator.strategy import Strategy
 from coordinator.validate import ModelSpec, check_node, check_num_samples, check_round
 from coordinator.validate import validate_update as validate_delta
 from fl_protocol import codecs
 from fl_protocol.errors import CodecError, ProtocolError
+from fl_protocol.files import write_atomic
 from fl_protocol.schemas import Ack, RoundConfig, UpdateManifest
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,8 @@ class RoundMachine:
             return self._reject(rnd.id, manifest, exc)
         del delta
         path = self.state.spool_path(rnd.id, manifest.node)
-        atomic_write_bytes(path, payload)  # verified wire bytes: decoded again to aggregate
+        # verified wire bytes, decoded again to aggregate
+        write_atomic(path, payload, sync_dir=True)
         self.hook("update_spooled")
         self.state.record_update(
             UpdateRow(

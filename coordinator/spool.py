@@ -14,8 +14,6 @@ metadata. Plain float safetensors files (no codec metadata) are read as they are
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,30 +25,7 @@ from safetensors.numpy import save
 from coordinator.errors import StateError
 from fl_protocol import codecs
 from fl_protocol.errors import CodecError
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+from fl_protocol.files import write_atomic
 
 
 def save_tensors(
@@ -60,7 +35,7 @@ def save_tensors(
     # not np.ascontiguousarray: it turns 0-d tensors (num_batches_tracked) into shape (1,)
     arrays = {k: np.asarray(v) for k, v in tensors.items()}
     data = {k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in arrays.items()}
-    atomic_write_bytes(path, save(data, metadata=metadata))
+    write_atomic(path, save(data, metadata=metadata), sync_dir=True)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -27,6 +27,7 @@ from edge_node.pipeline import Pipeline
 from edge_node.quarantine import Quarantine
 from edge_node.store import Store
 from edge_node.watcher import Watcher
+from fl_protocol.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class ModelMonitor:
         self._seen = sig
         current = self.holder.current()
         try:
-            if current is not None and current.info.sha256 == _sha256(self.path):
+            if current is not None and current.info.sha256 == sha256_file(self.path):
                 return  # touched or copied over with the same content
             self.holder.swap(self.path)
         except ModelError as exc:
@@ -93,12 +94,6 @@ class ModelMonitor:
                 self.check()
             except Exception:
                 log.exception("model monitor check failed")
-
-
-def _sha256(path: Path) -> str:
-    from edge_node.inference import model_sha256
-
-    return model_sha256(path)
 
 
 class Daemon:
@@ -162,11 +157,8 @@ class Daemon:
                 self.api = None
                 where = f"{self.config.api.host}:{self.config.api.port}"
                 raise ConfigError(f"api: cannot listen on {where}: {exc.strerror}") from exc
-            # tmp + rename: a reader (operator script, test) never sees an empty file
-            port_file = self.config.paths.state_dir / "api.port"
-            tmp = port_file.with_name(f".api.port.{os.getpid()}.tmp")
-            tmp.write_text(f"{port}\n")
-            os.replace(tmp, port_file)
+            # atomic: a reader (operator script, test) never sees an empty file
+            write_atomic(self.config.paths.state_dir / "api.port", f"{port}\n".encode())
             log.info(
                 "API on http://%s:%d (token %s)",
                 self.config.api.host,

@@ -78,14 +78,6 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     return so
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _float_or_none(meta: dict[str, str], key: str) -> float | None:
     raw = meta.get(key)
     if raw is None or raw == "":
@@ -283,8 +275,3 @@ class ModelHolder:
             except Exception:
                 log.exception("model swap listener failed")
         return info
-
-
-def model_sha256(path: Path) -> str:
-    """SHA-256 of a model file (used to tell a real replacement from a touch)."""
-    return _sha256(path)

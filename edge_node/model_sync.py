@@ -48,6 +48,7 @@ from edge_node.train_job import GLOBAL_WEIGHTS, TrainJob
 from fl_protocol.chunking import Reassembler
 from fl_protocol.codecs import read_metadata
 from fl_protocol.errors import ProtocolError, ReplayError, SchemaError
+from fl_protocol.files import write_atomic
 from fl_protocol.schemas import GlobalManifest
 from fl_protocol.signing import ReplayGuard, load_public_key, verify_manifest
 
@@ -100,21 +101,6 @@ class Installed:
     onnx_path: Path | None  # the new current.onnx when served
     new_accuracy: float | None = None  # gate evaluation on the local validation split
     served_accuracy: float | None = None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename (a crash leaves old or new)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

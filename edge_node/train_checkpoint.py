@@ -10,7 +10,6 @@ with the same fingerprint (same data, labels, split, model and settings).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fl_protocol.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,6 @@ def _atomic_write(path: Path, writer: Any) -> None:
     _fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -119,7 +112,7 @@ def save(folder: Path, ckpt: CheckpointState) -> Path:
         "fingerprint": ckpt.fingerprint,
         "epoch": ckpt.epoch,
         "tensors": name,
-        "sha256": _sha256(tensor_path),
+        "sha256": sha256_file(tensor_path),
         "optimizer": opt_meta,
         "info": ckpt.info,
     }
@@ -146,7 +139,7 @@ def load(folder: Path, fingerprint: str) -> CheckpointState | None:
             log.info("training checkpoint belongs to another job (data or settings changed)")
             return None
         tensor_path = folder / str(index["tensors"])
-        if _sha256(tensor_path) != index["sha256"]:
+        if sha256_file(tensor_path) != index["sha256"]:
             log.warning("training checkpoint tensors do not match their hash; starting afresh")
             return None
         tensors = load_file(str(tensor_path))

@@ -35,12 +35,13 @@ from safetensors.numpy import load_file
 
 from edge_node.config import NodeConfig
 from edge_node.errors import TrainingError
-from edge_node.model_sync import federation_dir, write_atomic
+from edge_node.model_sync import federation_dir
 from edge_node.train_job import TrainResult
 from fl_protocol import topics
 from fl_protocol.chunking import DEFAULT_CHUNK_SIZE, Outbox, PendingUpdate, split
 from fl_protocol.codecs import encode
 from fl_protocol.errors import TransportError
+from fl_protocol.files import write_atomic
 from fl_protocol.metrics import Metrics
 from fl_protocol.schemas import Ack, EvalReport, GlobalManifest, UpdateManifest
 from fl_protocol.signing import load_private_key, sign_manifest

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_protocol.errors import IntegrityError, SchemaError
+from fl_protocol.files import fsync_dir, write_atomic
 from fl_protocol.schemas import MAX_CHUNK_SIZE, PayloadManifest, UpdateManifest
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,6 @@ def split(
     return manifest, chunks
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Reassembler:
     """Collects the chunks of one payload; see the module docstring."""
 
@@ -88,7 +75,7 @@ class Reassembler:
                 log.info("spool %s holds another payload; discarding it", spool.name)
                 for old in spool.glob("*.chunk"):
                     old.unlink()
-        _write_atomic(marker, self.manifest.to_bytes())
+        write_atomic(marker, self.manifest.to_bytes())
         for path in spool.glob("*.chunk"):
             index = int(path.stem) if path.stem.isdigit() else -1
             ok = 0 <= index < self.manifest.num_chunks and (
@@ -117,7 +104,7 @@ class Reassembler:
         if sha256_hex(data) != self.manifest.chunk_sha256[index]:
             raise IntegrityError(f"chunk {index} does not match its sha256")
         if self.spool_dir is not None:
-            _write_atomic(self.spool_dir / f"{index}.chunk", data)
+            write_atomic(self.spool_dir / f"{index}.chunk", data)
         else:
             self._memory[index] = data
         self._have.add(index)
@@ -203,13 +190,13 @@ class Outbox:
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-"))
         try:
             for i, chunk in enumerate(chunks):
-                _write_atomic(tmp / f"{i}.chunk", chunk)
-            _write_atomic(tmp / "manifest.json", manifest.to_bytes())
+                write_atomic(tmp / f"{i}.chunk", chunk)
+            write_atomic(tmp / "manifest.json", manifest.to_bytes())
             final = self._round_dir(manifest.round)
             if final.exists():  # a retrained update for the same round replaces the old one
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -243,11 +230,3 @@ class Outbox:
             return False
         shutil.rmtree(path)
         return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -60,9 +60,10 @@ def prepare(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write ``global.safetensors`` and ``distinct`` encoded payloads under ``folder``."""
-    from coordinator.spool import atomic_write_bytes, save_tensors
+    from coordinator.spool import save_tensors
     from coordinator.strategy_utils import l2_norm
     from fl_protocol.codecs import decode, encode
+    from fl_protocol.files import write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / "global.safetensors", base, {**METADATA, "arch": arch, "version": "0"})
@@ -79,7 +80,7 @@ def prepare(
             delta[name] = (t * np.float32(rng.uniform(0.7, 1.3)) + noise).astype(np.float32)
         data = encode(delta, codec)
         path = folder / f"payload-{codec}-{k}.safetensors"
-        atomic_write_bytes(path, data)
+        write_atomic(path, data, sync_dir=True)
         payloads.append({"path": path.name, "bytes": len(data), "norm": l2_norm(decode(data))})
     meta = {"codec": codec, "arch": arch, "payloads": payloads}
     (folder / f"payloads-{codec}.json").write_text(json.dumps(meta, indent=1))
