@@ -168,17 +168,23 @@ def load_image(item: Item, kind: str, size: int = 224) -> np.ndarray:
     return resize(to_display(sc, gray[None])[0], size)
 
 
-def save_prepared(path: Path, items: list[Item], kind: str) -> None:
-    """Prepared slices (uint8) + labels/splits/patients, so no source image has to travel."""
-    images = np.stack([load_image(i, kind) for i in items])
+def save_prepared(path: Path, items: list[Item], kind: str) -> dict[str, np.ndarray]:
+    """Prepared slices (uint8) + labels/splits/patients, so no source image has to travel;
+    returns the same quantised slices as `load_prepared` would read back."""
+    quantised = np.round(np.stack([load_image(i, kind) for i in items]) * 255.0).astype(np.uint8)
     np.savez_compressed(
         path,
-        images=np.round(images * 255.0).astype(np.uint8),
+        images=quantised,
         labels=np.array([i.label for i in items], dtype=np.int64),
         splits=np.array([i.split for i in items]),
         patients=np.array([i.patient for i in items]),
         names=np.array([i.path.name for i in items]),
     )
+    return _cache_of(items, quantised)
+
+
+def _cache_of(items: list[Item], quantised: np.ndarray) -> dict[str, np.ndarray]:
+    return {it.path.name: quantised[k].astype(np.float32) / 255.0 for k, it in enumerate(items)}
 
 
 def load_prepared(path: Path) -> tuple[list[Item], dict[str, np.ndarray]]:
@@ -189,10 +195,7 @@ def load_prepared(path: Path) -> tuple[list[Item], dict[str, np.ndarray]]:
             data["names"], data["splits"], data["labels"], data["patients"], strict=True
         )
     ]
-    cache = {
-        it.path.name: data["images"][k].astype(np.float32) / 255.0 for k, it in enumerate(items)
-    }
-    return items, cache
+    return items, _cache_of(items, data["images"])
 
 
 def build_sets(
@@ -412,8 +415,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         items, kind = discover(Path(args.dataset))
         if prepared is not None:
-            save_prepared(prepared, items, kind)
-            items, cache = load_prepared(prepared)
+            cache = save_prepared(prepared, items, kind)
     if args.limit:
         items = limit_items(items, args.limit)
     textures = {"both": (False, True), "off": (False,), "on": (True,)}[args.texture]
