@@ -287,6 +287,45 @@ def image_to_gray(path: str | Path) -> np.ndarray:
         raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
+def image_dataset(
+    sop_class: UID,
+    *,
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    description: str,
+) -> Dataset:
+    """The parts every image we write shares: file meta (Explicit VR Little Endian), UIDs, an
+    empty patient name and study details, Modality CT, one MONOCHROME2 sample per pixel."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = ""
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyDate = ""
+    ds.StudyTime = ""
+    ds.StudyID = ""
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.SeriesDescription = description
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    return ds
+
+
 def secondary_capture(
     pixels: np.ndarray,
     *,
@@ -300,31 +339,16 @@ def secondary_capture(
     """An 8-bit MONOCHROME2 Secondary Capture (Modality CT) holding ``pixels``."""
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise ValueError("pixels must be a 2-D uint8 array")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.PatientName = ""
-    ds.PatientID = patient_id[:64]
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyDate = ""
-    ds.StudyTime = ""
-    ds.StudyID = ""
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "CT"
+    ds = image_dataset(
+        SecondaryCaptureImageStorage,
+        patient_id=patient_id[:64],
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        instance_number=instance_number,
+        description=description,
+    )
     ds.ConversionType = "WSD"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
-    ds.SeriesDescription = description
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
     ds.BitsAllocated = 8
     ds.BitsStored = 8

@@ -24,11 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from edge_node.preprocess import patient_key
-from fedscan.dataset import LABELS, IndexRow, deterministic_uid, save_atomic, write_index
+from fedscan.dataset import (
+    LABELS,
+    IndexRow,
+    deterministic_uid,
+    image_dataset,
+    save_atomic,
+    write_index,
+)
 from fedscan.errors import DatasetError
 
 INTERCEPT = -1024.0
@@ -222,32 +229,17 @@ def ct_dataset(
 ) -> Dataset:
     """CT Image Storage, int16 stored values with RescaleIntercept -1024, slope 1."""
     stored = np.clip(np.round(hu - INTERCEPT), -32768, 32767).astype("<i2")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.PatientName = ""
-    ds.PatientID = patient_id
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
+    ds = image_dataset(
+        CTImageStorage,
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        instance_number=instance_number,
+        description="fedscan synthetic",
+    )
     ds.FrameOfReferenceUID = deterministic_uid("synthetic-for", patient_id)
-    ds.StudyDate = ""
-    ds.StudyTime = ""
-    ds.StudyID = ""
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "CT"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
-    ds.SeriesDescription = "fedscan synthetic"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
     ds.BitsAllocated = 16
     ds.BitsStored = 16
