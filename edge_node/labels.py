@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_node.errors import InputError, LabelError, StoreError
+from edge_node.store import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,8 @@ class LabelBook:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"label database write failed: {exc}") from exc
+        with write_transaction(self._conn, "label database"):
+            yield self._conn
 
     def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         try:

@@ -104,6 +104,25 @@ class PredictionRow:
 _PRED_COLS = tuple(PredictionRow.__dataclass_fields__)
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``conn`` (autocommit mode), rolled back on any
+    error, including a COMMIT that fails on a full disk; SQLite errors become StoreError."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:  # e.g. COMMIT failed on a full disk
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise StoreError(f"{what} write failed: {exc}") from exc
+
+
 class Store:
     """Thread-safe access to ``node.sqlite``."""
 
@@ -135,19 +154,8 @@ class Store:
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._conn
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._conn.in_transaction:  # e.g. COMMIT failed on a full disk
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
-                raise StoreError(f"state database write failed: {exc}") from exc
+            with write_transaction(self._conn, "state database"):
+                yield self._conn
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
