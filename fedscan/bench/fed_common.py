@@ -165,6 +165,20 @@ def tail(path: Path, n: int = 3000) -> str:
 # -- coordinator ---------------------------------------------------------------------------------
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> int | None:
+    """SIGTERM (a daemon drains), SIGKILL after ``grace_s``; the exit code, None if not started."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 class CoordinatorProcess:
     """``fedscan coordinator run`` on ``folder/coordinator.toml``; state read from its SQLite."""
 
@@ -240,13 +254,4 @@ class CoordinatorProcess:
         return len(rounds) >= n_rounds and all(r["status"] == "closed" for r in rounds[:n_rounds])
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, 30.0)

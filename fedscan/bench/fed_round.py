@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from fedscan.bench.fed_common import (
     CoordinatorProcess,
     first_log_time,
     start_mosquitto,
+    stop_process,
     tail,
     wait_until,
 )
@@ -173,16 +173,7 @@ class NodeProcess:
             return None
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, 60.0)
 
 
 def _timeline(node: NodeProcess, round_id: int, version: int, t0: float) -> dict[str, Any]:
