@@ -186,14 +186,8 @@ class Coordinator:
 # -- nodes ---------------------------------------------------------------------------------------
 
 
-def node_toml(node_id: str, broker_url: str, keys: Path | None) -> str:
-    signing = ""
-    if keys is not None:
-        signing = (
-            f'signing_key = "{keys}/{node_id}.key"\n'
-            f'coordinator_public_key = "{keys}/coordinator.pub"\n'
-        )
-    return f"""node_id = "{node_id}"
+# The node.toml sections every federated test node shares (all but [federation]).
+NODE_LOCAL = """node_id = "{node}"
 [paths]
 inbox = "inbox"
 state_dir = "state"
@@ -212,11 +206,20 @@ augment = false
 early_stopping_patience = 0
 torch_threads = 1
 nice = 5
-[federation]
-enabled = true
-federation = "{FEDERATION}"
-broker = "{broker_url}"
-{signing}"""
+"""
+
+
+def node_toml(node_id: str, broker_url: str, keys: Path | None) -> str:
+    signing = ""
+    if keys is not None:
+        signing = (
+            f'signing_key = "{keys}/{node_id}.key"\n'
+            f'coordinator_public_key = "{keys}/coordinator.pub"\n'
+        )
+    return NODE_LOCAL.format(node=node_id) + (
+        f'[federation]\nenabled = true\nfederation = "{FEDERATION}"\n'
+        f'broker = "{broker_url}"\n{signing}'
+    )
 
 
 def labelled_inbox(inbox: Path, node_id: str) -> list[str]:

@@ -50,6 +50,7 @@ from tests.integration.mosquitto import Mosquitto, free_port
 from tests.integration.test_broker_security import Peer, connect, is_accepted, tls_context
 from tests.integration.test_federation_rounds import (
     FEDERATION,
+    NODE_LOCAL,
     Coordinator,
     FedNode,
     wait_for,
@@ -62,26 +63,6 @@ TIMEOUT = 240.0
 NODES = ("a", "b", "c")
 F = FEDERATION  # the labelled inboxes split patients with this federation's salt
 
-NODE_LOCAL = """node_id = "{node}"
-[paths]
-inbox = "inbox"
-state_dir = "state"
-quarantine_dir = "quarantine"
-model_dir = "models"
-[inference]
-intra_op_threads = 1
-[api]
-port = 0
-[training]
-arch = "cnn2d"
-epochs = 1
-batch_size = 4
-val_fraction = 0.5
-augment = false
-early_stopping_patience = 0
-torch_threads = 1
-nice = 5
-"""
 
 ROUNDS = {
     "num_rounds": 2,  # round 2 is only opened (for the replay checks), never completed
