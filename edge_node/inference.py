@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLASS_NAMES: tuple[str, ...] = ("non_covid", "covid")
 TEXTURE_KINDS: tuple[str, ...] = ("none", "glcm_lbp")
+# Without a fitted band, P(covid) within 0.10 of the threshold is shown as "uncertain".
+DEFAULT_UNCERTAIN_BAND = 0.10
+UNCERTAIN = "uncertain"
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,21 @@ class ModelInfo:
     init: str  # "random", "hub", a weights file name, or "unknown"
     image_input: str  # name of the image input
     texture_input: str | None  # name of the texture input, when the model has one
+    # Operating point (fedscan.temperature / fedscan.threshold / fedscan.uncertain_band),
+    # fitted on validation data; the defaults are an uncalibrated model's.
+    temperature: float = 1.0  # logits are divided by this before the softmax
+    threshold: float = 0.5  # P(covid) >= threshold -> "covid"
+    uncertain_band: float = DEFAULT_UNCERTAIN_BAND  # |P(covid) - threshold| < band -> uncertain
+    calibrated: bool = False  # True when the model file states a fitted threshold
 
     @property
     def needs_texture(self) -> bool:
         return self.texture != "none"
+
+    @property
+    def untrained(self) -> bool:
+        """A model from random init that no training has touched (shown as such)."""
+        return self.init == "random" and self.model_version in ("0", "")
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,8 @@ class Predictions:
     confidence: np.ndarray  # float32 [N], probability of the predicted class
     prob_covid: np.ndarray  # float32 [N], probability of "covid" (NaN if the model lacks it)
     model_version: str
+    # Per image: the label, or "uncertain" when P(covid) lies inside the model's band.
+    verdicts: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,6 +134,7 @@ def parse_info(path: Path, sha256: str, session: ort.InferenceSession) -> ModelI
         raise ModelError(f"{path.name}: fedscan.texture={texture} but no texture input/dim")
     if texture == "none" and texture_input is not None:
         raise ModelError(f"{path.name}: has a second input but fedscan.texture is 'none'")
+    temperature, threshold, band = _operating_point(path, meta)
     out_shape = session.get_outputs()[0].shape
     if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != len(class_names)):
         raise ModelError(
@@ -137,7 +154,37 @@ def parse_info(path: Path, sha256: str, session: ort.InferenceSession) -> ModelI
         init=meta.get("fedscan.init", "unknown"),
         image_input=image_input,
         texture_input=texture_input,
+        temperature=temperature,
+        threshold=threshold,
+        uncertain_band=band,
+        calibrated=meta.get("fedscan.threshold") not in (None, ""),
     )
+
+
+def _operating_point(path: Path, meta: dict[str, str]) -> tuple[float, float, float]:
+    """Temperature, threshold and uncertain band from the metadata, checked for sanity."""
+    temperature = _float_or_none(meta, "fedscan.temperature")
+    threshold = _float_or_none(meta, "fedscan.threshold")
+    band = _float_or_none(meta, "fedscan.uncertain_band")
+    t = 1.0 if temperature is None else temperature
+    th = 0.5 if threshold is None else threshold
+    b = DEFAULT_UNCERTAIN_BAND if band is None else band
+    if not (np.isfinite(t) and 0.01 <= t <= 100.0):
+        raise ModelError(f"{path.name}: fedscan.temperature {t} outside [0.01, 100]")
+    if not (np.isfinite(th) and 0.0 < th < 1.0):
+        raise ModelError(f"{path.name}: fedscan.threshold {th} outside (0, 1)")
+    if not (np.isfinite(b) and 0.0 <= b < 0.5):
+        raise ModelError(f"{path.name}: fedscan.uncertain_band {b} outside [0, 0.5)")
+    return t, th, b
+
+
+def verdict_of(prob_covid: float, threshold: float, band: float) -> str:
+    """The call for one P(covid): "covid", "non_covid" or "uncertain" inside the band."""
+    if not np.isfinite(prob_covid):
+        return UNCERTAIN
+    if abs(prob_covid - threshold) < band:
+        return UNCERTAIN
+    return "covid" if prob_covid >= threshold else "non_covid"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -197,16 +244,29 @@ class OnnxModel:
             empty = np.zeros((0, len(self.info.class_names)), np.float32)
             return Predictions([], empty, empty[:, 0], empty[:, 0], self.info.model_version)
         (logits,) = self.session.run([self._output], feeds)
-        probs = softmax(np.asarray(logits))
+        info = self.info
+        probs = softmax(np.asarray(logits, dtype=np.float32) / np.float32(info.temperature))
         idx = probs.argmax(axis=1)
-        names = self.info.class_names
-        prob_covid = probs[:, self._covid] if self._covid is not None else np.full(len(idx), np.nan)
+        names = info.class_names
+        if self._covid is not None:
+            prob_covid = probs[:, self._covid]
+            # The calibrated threshold, not argmax, decides between the two classes.
+            if len(names) == 2:
+                other = 1 - self._covid
+                idx = np.where(prob_covid >= info.threshold, self._covid, other)
+            verdicts = [
+                verdict_of(float(p), info.threshold, info.uncertain_band) for p in prob_covid
+            ]
+        else:
+            prob_covid = np.full(len(idx), np.nan)
+            verdicts = [names[i] for i in idx]
         return Predictions(
             labels=[names[i] for i in idx],
             probs=probs,
             confidence=probs[np.arange(len(idx)), idx].astype(np.float32),
             prob_covid=prob_covid.astype(np.float32),
-            model_version=self.info.model_version,
+            model_version=info.model_version,
+            verdicts=verdicts,
         )
 
 

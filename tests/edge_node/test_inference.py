@@ -90,6 +90,9 @@ def test_model_without_fedscan_metadata_uses_contract_defaults(tmp_path: Path) -
         ({"fedscan.class_names": "not json"}, "malformed"),
         ({"fedscan.window_width": "wide"}, "not a number"),
         ({"fedscan.class_names": '["a", "b", "c"]'}, "classes"),
+        ({"fedscan.temperature": "0"}, "temperature"),
+        ({"fedscan.threshold": "1.5"}, "threshold"),
+        ({"fedscan.uncertain_band": "nan"}, "uncertain_band"),
     ],
 )
 def test_bad_metadata_is_refused(tmp_path: Path, meta: dict[str, str], match: str) -> None:
@@ -175,3 +178,38 @@ def test_inference_path_never_imports_torch() -> None:
         "assert 'skimage' not in sys.modules, 'scikit-image imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_operating_point_from_metadata_decides_label_and_uncertain_band(tmp_path: Path) -> None:
+    """A calibrated model divides logits by its temperature and calls covid at its own
+    threshold; probabilities inside the uncertain band are reported as "uncertain"."""
+    plain = OnnxModel(make_classifier(tmp_path / "plain.onnx"), intra_op_threads=1)
+    assert not plain.info.calibrated
+    assert (plain.info.temperature, plain.info.threshold) == (1.0, 0.5)
+    meta = {
+        "fedscan.temperature": "2.0",
+        "fedscan.threshold": "0.3",
+        "fedscan.uncertain_band": "0.05",
+    }
+    model = OnnxModel(make_classifier(tmp_path / "cal.onnx", metadata=meta), intra_op_threads=1)
+    info = model.info
+    assert info.calibrated and (info.temperature, info.threshold, info.uncertain_band) == (
+        2.0,
+        0.3,
+        0.05,
+    )
+    means = [0.1, 0.45, 0.5, 0.9]
+    pred = model.predict(_images(means))
+    # scale 10, threshold 0.5 in the graph: logit gap 20 * (m - 0.5), halved by T = 2
+    expected = [1 / (1 + np.exp(-10.0 * (m - 0.5))) for m in means]
+    np.testing.assert_allclose(pred.prob_covid, expected, rtol=1e-3)
+    # P = 0.38 for m = 0.45: covid at threshold 0.3 (argmax would say non_covid)
+    assert pred.labels == ["non_covid", "covid", "covid", "covid"]
+    np.testing.assert_allclose(pred.confidence, [1 - expected[0], *expected[1:]], rtol=1e-3)
+    assert pred.verdicts == ["non_covid", "covid", "covid", "covid"]
+    # m = 0.42 -> P = 0.31, within 0.05 of the threshold 0.3
+    assert model.predict(_images([0.42])).verdicts == ["uncertain"]
+    wide = make_classifier(
+        tmp_path / "wide.onnx", metadata={**meta, "fedscan.uncertain_band": "0.2"}
+    )
+    assert OnnxModel(wide, intra_op_threads=1).predict(_images([0.45])).verdicts == ["uncertain"]
