@@ -142,6 +142,108 @@ class FederationConfig:
             raise ConfigError("federation: dp_delta must be in (0, 1)")
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _check_ae_title(section: str, name: str, value: str) -> None:
+    """AE titles: 1-16 characters of printable ASCII, not only spaces, no backslash."""
+    ok = 0 < len(value) <= 16 and bool(value.strip()) and all(32 <= ord(c) < 127 for c in value)
+    if not ok or "\\" in value:
+        raise ConfigError(f"{section}: {name} must be 1-16 printable ASCII characters")
+
+
+@dataclass(frozen=True)
+class DicomListenerConfig:
+    """[dicom.listener]: the C-STORE SCP that drops received instances into the inbox."""
+
+    enabled: bool = False
+    ae_title: str = "FEDSCAN"  # our AE title; a peer calling another one is refused
+    host: str = "127.0.0.1"  # a non-loopback host requires allowed_calling_aes
+    port: int = 11112  # 0 = pick a free port (written to state_dir/dicom.port)
+    # Calling AE titles allowed to send; empty = any, accepted only on a loopback host
+    allowed_calling_aes: tuple[str, ...] = ()
+    dest_subdir: str = "dicom-in"  # folder inside the inbox receiving <study>/<instance>.dcm
+    max_pdu: int = 131072  # largest PDU we accept (bytes; DCMTK's default ceiling)
+    max_associations: int = 8  # concurrent associations; more are refused (busy)
+    timeout_s: float = 30.0  # ACSE/DIMSE/network idle timeout of an association
+    tls_cert: Path | None = None  # TLS: our certificate (PEM); TLS is on when set
+    tls_key: Path | None = None  # TLS: its private key
+    tls_ca: Path | None = None  # TLS: CA that client certificates must chain to (mutual TLS)
+
+    def __post_init__(self) -> None:
+        _check_ae_title("dicom.listener", "ae_title", self.ae_title)
+        for ae in self.allowed_calling_aes:
+            _check_ae_title("dicom.listener", "allowed_calling_aes", ae)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("dicom.listener: port must be 0-65535")
+        if self.enabled and self.host not in _LOOPBACK and not self.allowed_calling_aes:
+            raise ConfigError(
+                f"dicom.listener: listening on {self.host} requires allowed_calling_aes"
+            )
+        sub = Path(self.dest_subdir)
+        if sub.is_absolute() or ".." in sub.parts or not self.dest_subdir.strip():
+            raise ConfigError("dicom.listener: dest_subdir must be a relative folder name")
+        if any(part.startswith(".") for part in sub.parts):
+            raise ConfigError("dicom.listener: dest_subdir must not be hidden (watcher skips it)")
+        if self.max_pdu < 0 or self.max_associations < 1 or self.timeout_s <= 0:
+            raise ConfigError("dicom.listener: max_pdu >= 0, max_associations >= 1, timeout_s > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("dicom.listener: tls_cert and tls_key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("dicom.listener: tls_ca (client certificates) needs tls_cert/tls_key")
+
+
+@dataclass(frozen=True)
+class DicomSendConfig:
+    """[dicom.send_to]: the PACS (C-STORE SCP) that receives the result objects."""
+
+    enabled: bool = False
+    ae_title: str = "PACS"  # called AE title of the PACS
+    host: str = "127.0.0.1"
+    port: int = 104
+    calling_ae: str = "FEDSCAN"  # our AE title as the PACS knows it
+    retry_base_s: float = 2.0  # first retry after a failure; doubles per failure ...
+    retry_cap_s: float = 300.0  # ... up to this
+    timeout_s: float = 30.0  # ACSE/DIMSE/network timeout of one association
+    tls_ca: Path | None = None  # TLS: CA the PACS certificate must chain to; TLS is on when set
+    tls_cert: Path | None = None  # TLS: our client certificate (when the PACS wants one)
+    tls_key: Path | None = None  # TLS: its private key
+
+    def __post_init__(self) -> None:
+        _check_ae_title("dicom.send_to", "ae_title", self.ae_title)
+        _check_ae_title("dicom.send_to", "calling_ae", self.calling_ae)
+        if not 0 < self.port <= 65535:
+            raise ConfigError("dicom.send_to: port must be 1-65535")
+        if not 0 < self.retry_base_s <= self.retry_cap_s or self.timeout_s <= 0:
+            raise ConfigError("dicom.send_to: need 0 < retry_base_s <= retry_cap_s, timeout_s > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("dicom.send_to: tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ConfigError("dicom.send_to: a client certificate needs tls_ca (TLS)")
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """[dicom]: DICOM networking (edge_node/dicomnet); everything off by default."""
+
+    listener: DicomListenerConfig = field(default_factory=DicomListenerConfig)
+    send_to: DicomSendConfig = field(default_factory=DicomSendConfig)
+    results_dir: Path | None = None  # also copy each result object here (sites without a PACS)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.listener, DicomListenerConfig) or not isinstance(
+            self.send_to, DicomSendConfig
+        ):
+            raise ConfigError("dicom: listener and send_to are tables ([dicom.listener])")
+
+
+# nested tables of a section ([dicom.listener]) -> their dataclass, by field type name
+_SUBSECTIONS: dict[str, type] = {
+    "DicomListenerConfig": DicomListenerConfig,
+    "DicomSendConfig": DicomSendConfig,
+}
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
@@ -152,6 +254,7 @@ class NodeConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)  # DICOM networking
     source: Path | None = None  # the TOML file this came from
 
     def __post_init__(self) -> None:
@@ -177,6 +280,7 @@ _SECTIONS: dict[str, type] = {
     "api": ApiConfig,
     "training": TrainingConfig,
     "federation": FederationConfig,
+    "dicom": DicomConfig,
 }
 
 
@@ -191,6 +295,8 @@ def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
         if "Path" in ftype and value is not None:
             p = Path(str(value)).expanduser()
             value = p if p.is_absolute() else (base / p)
+        elif ftype in _SUBSECTIONS and isinstance(value, dict):
+            value = _coerce(_SUBSECTIONS[ftype], value, base, f"{section}.{name}")
         elif "tuple" in ftype and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
