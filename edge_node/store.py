@@ -61,7 +61,56 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
 CREATE INDEX IF NOT EXISTS files_sop ON files(sop_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    patient_name TEXT,
+    patient_id TEXT,
+    patient_key TEXT,
+    accession_number TEXT,
+    study_date TEXT,
+    study_time TEXT,
+    study_description TEXT,
+    referring_physician TEXT,
+    first_seen REAL,
+    last_seen REAL
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT,
+    modality TEXT,
+    series_number INT,
+    series_description TEXT,
+    body_part TEXT,
+    protocol_name TEXT,
+    n_instances INT,
+    expected_instances INT,
+    first_seen REAL,
+    last_seen REAL,
+    status TEXT CHECK(status IN ('open','complete','skipped')),
+    skip_reason TEXT,
+    verdict TEXT CHECK(verdict IN ('covid','non_covid','uncertain') OR verdict IS NULL),
+    score REAL,
+    threshold REAL,
+    uncertain_band REAL,
+    rule TEXT,
+    n_slices_used INT,
+    model_version TEXT,
+    calibrated INT,
+    completed_at REAL,
+    results_json TEXT
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
+CREATE INDEX IF NOT EXISTS series_status ON series(status);
 """
+
+# Columns added after the first release: (table, column, declaration), added when missing.
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("predictions", "verdict", "TEXT"),  # per slice: covid | non_covid | uncertain
+)
+# Created after the migrations (they index columns an old database gains there).
+POST_MIGRATION_SQL = (
+    "CREATE INDEX IF NOT EXISTS predictions_series ON predictions(series_instance_uid)"
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +148,7 @@ class PredictionRow:
     preprocess_ms: float | None
     infer_ms: float | None
     total_ms: float | None
+    verdict: str | None = None  # covid | non_covid | uncertain at the model's operating point
 
 
 _PRED_COLS = tuple(PredictionRow.__dataclass_fields__)
@@ -123,6 +173,15 @@ def write_transaction(conn: sqlite3.Connection, what: str) -> Iterator[sqlite3.C
         raise StoreError(f"{what} write failed: {exc}") from exc
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns of ``MIGRATIONS`` that an older database lacks (ALTER TABLE ADD COLUMN)."""
+    for table, column, decl in MIGRATIONS:
+        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    conn.execute(POST_MIGRATION_SQL)
+
+
 class Store:
     """Thread-safe access to ``node.sqlite``."""
 
@@ -138,6 +197,7 @@ class Store:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.executescript(SCHEMA)
+            _migrate(self._conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state database {self.db_path}: {exc}") from exc
         self._lock = threading.RLock()

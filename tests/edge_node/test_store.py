@@ -69,6 +69,7 @@ def test_schema_matches_the_contract(tmp_path: Path) -> None:
         "infer_ms",
         "total_ms",
         "created_at",
+        "verdict",  # added by migration (old databases gain it at open)
     ]
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(sqlite3.IntegrityError):
