@@ -76,6 +76,61 @@ class StatsSnapshot:
     batch_slices: int
 
 
+class DicomStats:
+    """Counters of the DICOM listener and sender since start (no AE titles, no UIDs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+# DicomStats counter name -> (metric, help); the listener and sender count under these names
+DICOM_COUNTERS: dict[str, tuple[str, str]] = {
+    "associations_accepted": (
+        "fedscan_dicom_associations_accepted_total",
+        "Associations the C-STORE SCP accepted.",
+    ),
+    "associations_refused": (
+        "fedscan_dicom_associations_refused_total",
+        "Associations the C-STORE SCP refused (unknown calling/called AE, busy).",
+    ),
+    "echoes": ("fedscan_dicom_echoes_total", "C-ECHO requests answered."),
+    "instances_stored": (
+        "fedscan_dicom_instances_stored_total",
+        "Instances received by C-STORE and written to the inbox.",
+    ),
+    "bytes_stored": ("fedscan_dicom_stored_bytes_total", "Bytes of those instances."),
+    "store_failures": (
+        "fedscan_dicom_store_failures_total",
+        "C-STORE requests answered with a failure status (not written).",
+    ),
+    "sent": ("fedscan_dicom_results_sent_total", "Result objects the PACS accepted."),
+    "send_failures": (
+        "fedscan_dicom_send_failures_total",
+        "Failed deliveries of a result object (each retry counts).",
+    ),
+}
+
+
+def render_dicom(m: MetricsText, stats: DicomStats, outbox_pending: int | None) -> None:
+    """Append the DICOM families to ``m``."""
+    snap = stats.snapshot()
+    for key, (name, help_text) in DICOM_COUNTERS.items():
+        m.family(name, "counter", help_text)
+        m.sample(name, snap.get(key, 0))
+    if outbox_pending is not None:
+        m.family("fedscan_dicom_outbox_pending", "gauge", "Result objects waiting for the PACS.")
+        m.sample("fedscan_dicom_outbox_pending", outbox_pending)
+
+
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -111,6 +166,8 @@ def render_metrics(
     queue_depth: dict[str, int],
     pending_files: int,
     model_swaps: int,
+    dicom: DicomStats | None = None,
+    dicom_outbox_pending: int | None = None,
 ) -> str:
     m = MetricsText()
     m.family("fedscan_files", "gauge", "Inbox files by recorded outcome (from the state database).")
@@ -150,4 +207,6 @@ def render_metrics(
     for stage, n in sorted(queue_depth.items()):
         m.sample("fedscan_queue_depth", n, {"stage": stage})
     m.sample("fedscan_queue_depth", pending_files, {"stage": "incomplete"})
+    if dicom is not None:
+        render_dicom(m, dicom, dicom_outbox_pending)
     return m.render()

@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 
 _SIDECAR = ".json"
 
+# One wake-up event per outbox folder, shared by every Outbox object of this process on it:
+# the results code and the sender may each build their own Outbox(root).
+_WAKE_LOCK = threading.Lock()
+_WAKE: dict[str, tuple[threading.Event, threading.Lock]] = {}
+
+
+def _shared(root: Path) -> tuple[threading.Event, threading.Lock]:
+    """The (wake-up event, file lock) of an outbox folder, one pair per folder."""
+    key = str(root.resolve())
+    with _WAKE_LOCK:
+        return _WAKE.setdefault(key, (threading.Event(), threading.Lock()))
+
 
 @dataclass(frozen=True)
 class Attempts:
@@ -85,10 +97,9 @@ class Outbox:
         self.sent_dir = self.root / "sent"
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self.sent_dir.mkdir(parents=True, exist_ok=True)
+        self._wake, self._lock = _shared(self.root)
 
     # -- producer side (the series/results code) --------------------------------------------
     def enqueue(self, ds: pydicom.Dataset) -> Path:
