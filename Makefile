@@ -1,17 +1,18 @@
 # Same commands locally and in CI. Each target bootstraps uv and the virtualenv on a fresh machine.
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv itself: .ci/uv finds it (PATH, ~/.local/bin, python3 -m uv) or installs it, pip first.
+UV ?= .ci/uv
 PY := .venv/bin/python
 SRC := edge_node coordinator export fl_protocol fedscan tests
 
-.PHONY: all venv demo test test-all check fmt bench clean
+.PHONY: all bootstrap venv demo test test-all check fmt bench clean
 
 all: check test
 
-$(UV):
-	@command -v uv >/dev/null 2>&1 || (curl -LsSf https://astral.sh/uv/install.sh | sh) || python3 -m pip install --user uv
+bootstrap:
+	@$(UV) --version
 
-.venv/.synced: pyproject.toml uv.lock | $(UV)
+.venv/.synced: pyproject.toml uv.lock
 	$(UV) sync --frozen --extra train
 	@touch $@
 
