@@ -144,7 +144,7 @@ def test_pip_installs_uv_from_the_index_first(tmp_path: Path, wheelhouse: Path) 
     probe = subprocess.run([system, "-m", "pip", "--version"], capture_output=True, timeout=60)
     if probe.returncode != 0:
         pytest.skip("/usr/bin/python3 with pip is needed for this scenario")
-    if subprocess.run([system, "-m", "uv", "--version"], capture_output=True).returncode == 0:
+    if subprocess.run([system, "-s", "-m", "uv", "--version"], capture_output=True).returncode == 0:
         pytest.skip("/usr/bin/python3 already has uv installed")
     result = _make_bootstrap(tmp_path, curl=CURL_FAILS, python=system, index=wheelhouse)
     assert result.returncode == 0, result.stderr
@@ -159,7 +159,7 @@ def test_uv_as_a_module_of_python3_is_used_as_it_is(tmp_path: Path) -> None:
     """uv installed with pip into python3 itself (pyenv, a virtualenv) but not on PATH:
     `python3 -m uv` runs it; nothing is installed, curl is not called."""
     python = _base_python()
-    if subprocess.run([python, "-m", "uv", "--version"], capture_output=True).returncode != 0:
+    if subprocess.run([python, "-s", "-m", "uv", "--version"], capture_output=True).returncode != 0:
         pytest.skip(f"{python} has no uv package")
     result = _make_bootstrap(tmp_path, curl=CURL_FAILS, python=python)
     assert result.returncode == 0, result.stderr
