@@ -149,6 +149,8 @@ class NodeApi:
                 queue_depth=self.node.pipeline.queue_depth(),
                 pending_files=self.node.watcher.pending_count(),
                 model_swaps=self.node.holder.swaps,
+                dicom=self.node.dicom_stats if self.node.dicom is not None else None,
+                dicom_outbox_pending=self.node.dicom.outbox_pending() if self.node.dicom else None,
             )
 
         text = await run_in_threadpool(build)

@@ -22,7 +22,7 @@ from typing import Protocol
 from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError, ModelError
 from edge_node.inference import ModelHolder
-from edge_node.metrics import PipelineStats
+from edge_node.metrics import DicomStats, PipelineStats
 from edge_node.pipeline import Pipeline
 from edge_node.quarantine import Quarantine
 from edge_node.store import Store
@@ -131,6 +131,8 @@ class Daemon:
         self.monitor = ModelMonitor(config.model_path, self.holder)
         self.api: ApiServerLike | None = None
         self.federation: FederationLike | None = None
+        self.dicom_stats = DicomStats()
+        self.dicom: DicomLike | None = None  # [dicom] listener / sender (edge_node/dicomnet)
         self._stop = threading.Event()
         self.started_at = time.time()
 
@@ -147,6 +149,7 @@ class Daemon:
         self.pipeline.start()
         self.watcher.start()
         self.monitor.start()
+        self._start_dicom()
         if self.config.api.enabled:
             from edge_node.api import ApiServer
 
@@ -168,6 +171,16 @@ class Daemon:
         if self.config.federation.enabled:
             self._start_federation()
         log.info("node %s running", self.config.node_id)
+
+    def _start_dicom(self) -> None:
+        """C-STORE SCP into the inbox and/or the outbox sender, when ``[dicom]`` asks for them."""
+        dicom = self.config.dicom
+        if not (dicom.listener.enabled or dicom.send_to.enabled or dicom.results_dir):
+            return
+        from edge_node.dicomnet.services import DicomServices
+
+        self.dicom = DicomServices(self.config, self.dicom_stats)
+        self.dicom.start()
 
     def _start_federation(self) -> None:
         """Follow the global model (and train in rounds); torch stays in its worker process."""
@@ -215,9 +228,13 @@ class Daemon:
                 self.federation.stop()  # "offline" status; a running training job is interrupted
             except Exception:
                 log.exception("federation client did not stop cleanly")
+        if self.dicom is not None:
+            self.dicom.stop_intake()  # no new instances while the pipeline drains
         self.watcher.stop()
         self.monitor.stop()
         drained = self.pipeline.drain(timeout)
+        if self.dicom is not None:
+            self.dicom.stop()
         if self.api is not None:
             self.api.stop()
         self.store.close()
@@ -248,6 +265,16 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: draining", signal.Signals(signum).name)
         self._stop.set()
+
+
+class DicomLike(Protocol):
+    """What the daemon needs from edge_node.dicomnet.services.DicomServices."""
+
+    def stop_intake(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def outbox_pending(self) -> int: ...
 
 
 class FederationLike(Protocol):
