@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from edge_node.errors import InputError, LabelError, NodeError
 from edge_node.metrics import render_metrics
+from edge_node.model_refusal import refusal_json, render_refusals
 from edge_node.pipeline import DUPLICATE, model_key
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class NodeApi:
                 "queue": self.node.pipeline.queue_depth(),
                 "incomplete_files": self.node.watcher.pending_count(),
                 "inbox_events": self.node.watcher.events_active,
+                "model_refused": refusal_json(self.node.monitor.refusals),
             }
         )
 
@@ -151,7 +153,7 @@ class NodeApi:
                 model_swaps=self.node.holder.swaps,
                 dicom=self.node.dicom_stats if self.node.dicom is not None else None,
                 dicom_outbox_pending=self.node.dicom.outbox_pending() if self.node.dicom else None,
-            )
+            ) + render_refusals(self.node.monitor.refusals)
 
         text = await run_in_threadpool(build)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

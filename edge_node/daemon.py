@@ -23,8 +23,10 @@ from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError, ModelError
 from edge_node.inference import ModelHolder
 from edge_node.metrics import DicomStats, PipelineStats
+from edge_node.model_refusal import RefusedModels
 from edge_node.pipeline import Pipeline
 from edge_node.quarantine import Quarantine
+from edge_node.state_lock import StateLock
 from edge_node.store import Store
 from edge_node.watcher import Watcher
 from fl_protocol.files import sha256_file, write_atomic
@@ -44,6 +46,12 @@ class ModelMonitor:
         self._seen: tuple[int, int, int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # A replacement that failed to load and then stayed unchanged for refuse_after_s (not a
+        # copy still in progress) is moved aside; the served model goes back in its place.
+        self.refusals = RefusedModels(path)
+        self.refuse_after_s = max(2 * poll_s, 1.0)
+        self._failed: tuple[tuple[int, int, int], float, str] | None = None
+        holder.on_swap(lambda m: self.refusals.keep_served(m.info.path, m.info.sha256))
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -64,8 +72,17 @@ class ModelMonitor:
     def check(self) -> None:
         sig = self._signature()
         if sig is None or sig == self._seen:
+            failed = self._failed
+            if (
+                sig is not None
+                and failed is not None
+                and failed[0] == sig
+                and time.monotonic() - failed[1] >= self.refuse_after_s
+            ):
+                self._refuse(failed[2])
             return
         self._seen = sig
+        self._failed = None
         current = self.holder.current()
         try:
             if current is not None and current.info.sha256 == sha256_file(self.path):
@@ -78,6 +95,13 @@ class ModelMonitor:
                 current.info.model_version if current else None,
                 exc,
             )
+            self._failed = (sig, time.monotonic(), str(exc))
+
+    def _refuse(self, reason: str) -> None:
+        self._failed = None
+        current = self.holder.current()
+        self.refusals.refuse(reason, current.info.sha256 if current else None)
+        self._seen = self._signature()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="model-monitor", daemon=True)
@@ -102,8 +126,21 @@ class Daemon:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         paths = config.paths
-        for folder in (paths.inbox, paths.state_dir, paths.quarantine_dir, paths.model_dir):
+        # The inbox is the PACS's folder: the node never creates or writes it, so a missing or
+        # mistyped one is a configuration error, not an empty folder watched forever.
+        check_inbox(paths.inbox)
+        for folder in (paths.state_dir, paths.quarantine_dir, paths.model_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self.lock = StateLock(paths.state_dir)
+        self.lock.acquire()  # one node per state dir; ConfigError (exit 2) names the holder
+        try:
+            self._open(config)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, config: NodeConfig) -> None:
+        paths = config.paths
         self.store = Store(paths.database)
         self.holder = ModelHolder(config.inference.intra_op_threads)
         self.stats = PipelineStats()
@@ -238,6 +275,7 @@ class Daemon:
         if self.api is not None:
             self.api.stop()
         self.store.close()
+        self.lock.release()
         log.info(
             "node stopped (%s in %.0f ms)",
             "drained" if drained else "drain timed out",
@@ -265,6 +303,19 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: draining", signal.Signals(signum).name)
         self._stop.set()
+
+
+def check_inbox(inbox: Path) -> None:
+    """Raise ``ConfigError`` (exit 2) unless ``inbox`` is a folder the node can list."""
+    if not inbox.exists():
+        raise ConfigError(
+            f"[paths] inbox {inbox} does not exist (the node never creates its inbox: "
+            "create it, or point [paths] inbox at the PACS export folder)"
+        )
+    if not inbox.is_dir():
+        raise ConfigError(f"[paths] inbox {inbox} is not a folder")
+    if not os.access(inbox, os.R_OK | os.X_OK):
+        raise ConfigError(f"[paths] inbox {inbox} is not readable by this user")
 
 
 class DicomLike(Protocol):

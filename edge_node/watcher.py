@@ -37,6 +37,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from edge_node.config import WatcherConfig
+from edge_node.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class Watcher:
 
     def start(self) -> None:
         """Start events first, then the catch-up scan, so nothing falls between the two."""
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        if not self.inbox.is_dir():  # never created here: the inbox belongs to the sender
+            raise ConfigError(f"inbox {self.inbox} is not a folder")
         if self.config.use_events:
             self._start_observer()
         self._thread = threading.Thread(target=self._loop, name="watcher-poll", daemon=True)
