@@ -17,6 +17,7 @@ message when a file is absent.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -286,3 +287,35 @@ def copy_sample(name: str, dst: str | Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sample_path(name), dst)
     return dst
+
+
+def series_from(src: str | Path, n: int, *, slice_mm: float = 2.5) -> list[Dataset]:
+    """``n`` slices of one new study/series made from a real single slice: fresh Study,
+    Series and SOP Instance UIDs, InstanceNumber 1..n and ImagePositionPatient stepping in z
+    (pixels and transfer syntax unchanged), as a scanner would send them."""
+    base = pydicom.dcmread(src)
+    study, series = generate_uid(), generate_uid()
+    x, y, z0 = (float(v) for v in base.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
+    slices = []
+    for i in range(n):
+        ds = copy.deepcopy(base)  # pixel bytes are immutable: shared, not copied
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [x, y, z0 - i * slice_mm]
+        ds.SliceLocation = z0 - i * slice_mm
+        slices.append(ds)
+    return slices
+
+
+def write_series(src: str | Path, folder: str | Path, n: int) -> list[Path]:
+    """:func:`series_from` written as ``folder/NNN.dcm``; returns the paths in slice order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(series_from(src, n)):
+        path = folder / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
