@@ -1,6 +1,7 @@
 """JSON messages of the federation: frozen dataclasses, canonical bytes, strict parsing.
 
-Every message carries ``"schema": "fedscan.<kind>/1"``. ``to_bytes()`` writes canonical JSON
+Every message carries ``"schema": "fedscan.<kind>/<version>"`` (version 1 for every kind but a
+global manifest that carries an ONNX export, version 2). ``to_bytes()`` writes canonical JSON
 (sorted keys, no spaces, ASCII) so that signatures cover exactly one byte string;
 ``Cls.from_bytes(data)`` refuses anything that is not exactly that message: another kind or
 schema version, unknown or missing fields, wrong types, bools where numbers belong, NaN or
@@ -32,6 +33,7 @@ from fl_protocol.errors import SchemaError
 from fl_protocol.topics import check_id, check_number
 
 SCHEMA_VERSION = 1
+ONNX_MANIFEST_VERSION = 2  # a global manifest with the ``onnx`` artifact (older builds refuse it)
 MAX_MESSAGE_BYTES = 64 * 1024  # a manifest of ~900 chunks; anything bigger is refused
 MAX_CHUNK_SIZE = 1024 * 1024  # chunks are at most 1 MiB (broker max packet is 2 MiB)
 MAX_ITEMS = 4096  # any list in a message
@@ -154,6 +156,8 @@ class Message:
     """Base of every message: generic (de)serialisation driven by the field annotations."""
 
     KIND: ClassVar[str]
+    VERSIONS: ClassVar[tuple[int, ...]] = (SCHEMA_VERSION,)  # schema versions this build reads
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()  # fields newer than schema version 1
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -169,9 +173,17 @@ class Message:
     def schema_id(cls) -> str:
         return f"fedscan.{cls.KIND}/{SCHEMA_VERSION}"
 
+    def schema_version(self) -> int:
+        """The schema version this message is written in (its fields decide)."""
+        return SCHEMA_VERSION
+
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        out["schema"] = self.schema_id()
+        out = {
+            f.name: _to_json(getattr(self, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if not (f.name in self.OMIT_IF_NONE and getattr(self, f.name) is None)
+        }
+        out["schema"] = f"fedscan.{self.KIND}/{self.schema_version()}"
         return out
 
     def to_bytes(self) -> bytes:
@@ -186,15 +198,21 @@ class Message:
     def from_dict(cls, obj: dict[str, Any]) -> Self:
         if not isinstance(obj, dict):
             raise SchemaError(f"{cls.KIND}: expected a JSON object")
-        check_schema(obj.get("schema"), cls.KIND)
+        version = check_schema(obj.get("schema"), cls.KIND, cls.VERSIONS)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(obj) - names - {"schema"})
         if unknown:
             raise SchemaError(f"{cls.KIND}: unknown field(s) {[u[:40] for u in unknown[:5]]}")
         try:
-            return cls(**{k: v for k, v in obj.items() if k != "schema"})
+            msg = cls(**{k: v for k, v in obj.items() if k != "schema"})
         except TypeError as exc:  # missing required fields
             raise SchemaError(f"{cls.KIND}: {exc}") from None
+        if msg.schema_version() != version:  # e.g. a version-1 manifest with an ONNX export
+            raise SchemaError(
+                f"{cls.KIND}: fields of schema version {msg.schema_version()} "
+                f"in a version {version} message"
+            )
+        return msg
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
@@ -213,19 +231,23 @@ class Message:
         return cls.from_dict(obj)
 
 
-def check_schema(schema: Any, kind: str) -> None:
-    """Refuse a message of another kind or an unsupported schema version, saying which."""
-    want = f"fedscan.{kind}/{SCHEMA_VERSION}"
+def check_schema(schema: Any, kind: str, versions: Sequence[int] = (SCHEMA_VERSION,)) -> int:
+    """Refuse a message of another kind or an unsupported schema version, saying which;
+    returns the version."""
+    want = f"fedscan.{kind}/{versions[-1]}"
     match = _SCHEMA_RE.fullmatch(schema) if isinstance(schema, str) else None
     if match is None:
         raise SchemaError(f"expected a {want} message, got schema {str(schema)[:60]!r}")
     if match.group(1) != kind:
         raise SchemaError(f"expected a {want} message, got a {match.group(1)} message")
-    if int(match.group(2)) != SCHEMA_VERSION:
+    version = int(match.group(2))
+    if version not in versions:
+        supported = " or ".join(str(v) for v in versions)
         raise SchemaError(
-            f"{kind} schema version {match.group(2)} is not supported "
-            f"(this build supports version {SCHEMA_VERSION})"
+            f"{kind} schema version {version} is not supported "
+            f"(this build supports version {supported}; upgrade fedscan to read newer messages)"
         )
+    return version
 
 
 @dataclass(frozen=True)
@@ -294,6 +316,8 @@ class GlobalManifest(Message):
     """Retained on fl/F/global/current: the current global model and the open round."""
 
     KIND: ClassVar[str] = "global_manifest"
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, ONNX_MANIFEST_VERSION)
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"onnx"})
     federation: str
     version: int  # global model version; never goes back (ReplayGuard)
     arch: str  # export.zoo architecture name
@@ -303,6 +327,12 @@ class GlobalManifest(Message):
     created_at: float = field(default_factory=time.time)
     signature: str | None = None  # base64 Ed25519 over to_bytes() with signature=None
     key_id: str | None = None  # which coordinator key signed
+    # The coordinator's parity-checked ONNX export of the same weights (what predict-only nodes
+    # install), chunked on fl/F/global/V/onnx/i; present = schema version 2, absent = 1.
+    onnx: PayloadManifest | None = None
+
+    def schema_version(self) -> int:
+        return ONNX_MANIFEST_VERSION if self.onnx is not None else SCHEMA_VERSION
 
     def _validate(self) -> None:
         check_id(self.federation, "federation")

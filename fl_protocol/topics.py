@@ -3,7 +3,8 @@
 F = federation id, N = node id, V = global model version, R = round, i = chunk index.
 
     fl/F/global/current                      retained manifest of the current global model
-    fl/F/global/V/chunk/i                    retained chunk i of global model V
+    fl/F/global/V/chunk/i                    retained chunk i of global model V (safetensors)
+    fl/F/global/V/onnx/i                     retained chunk i of V's ONNX export (predict-only)
     fl/F/round/R/update/N/manifest           node N's update manifest for round R
     fl/F/round/R/update/N/chunk/i            chunk i of that update
     fl/F/round/R/ack/N                       coordinator's answer to node N for round R
@@ -31,6 +32,7 @@ _NUM_RE = re.compile(r"0|[1-9][0-9]{0,15}")
 TopicKind = Literal[
     "global_current",
     "global_chunk",
+    "global_onnx_chunk",
     "update_manifest",
     "update_chunk",
     "ack",
@@ -82,6 +84,16 @@ def global_chunk(federation: str, version: int, index: int) -> str:
 
 def global_chunks_filter(federation: str, version: int) -> str:
     return f"{_prefix(federation)}/global/{check_number(version, 'version')}/chunk/+"
+
+
+def global_onnx_chunk(federation: str, version: int, index: int) -> str:
+    """Chunk ``index`` of the coordinator's ONNX export of global model ``version``."""
+    v, i = check_number(version, "version"), check_number(index, "chunk index")
+    return f"{_prefix(federation)}/global/{v}/onnx/{i}"
+
+
+def global_onnx_filter(federation: str, version: int) -> str:
+    return f"{_prefix(federation)}/global/{check_number(version, 'version')}/onnx/+"
 
 
 def global_filter(federation: str) -> str:
@@ -168,10 +180,11 @@ def parse_topic(topic: str) -> TopicInfo:
         if section == "global":
             if rest == ["current"]:
                 return TopicInfo("global_current", federation)
-            if len(rest) == 3 and rest[1] == "chunk":
+            if len(rest) == 3 and rest[1] in ("chunk", "onnx"):
                 version = _num(rest[0], "version")
                 index = _num(rest[2], "chunk index")
-                return TopicInfo("global_chunk", federation, version=version, index=index)
+                kind: TopicKind = "global_chunk" if rest[1] == "chunk" else "global_onnx_chunk"
+                return TopicInfo(kind, federation, version=version, index=index)
         elif section == "round" and len(rest) >= 3:
             return _parse_round_topic(federation, rest)
         elif section == "node" and len(rest) == 2 and rest[1] == "status":

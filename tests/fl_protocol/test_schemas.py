@@ -237,3 +237,58 @@ def test_fuzzed_field_values_only_ever_raise_schema_error(data: st.DataObject) -
 def test_fuzzed_bytes_only_ever_raise_schema_error(raw: bytes) -> None:
     with contextlib.suppress(SchemaError):
         UpdateManifest.from_bytes(raw)
+
+
+# -- global manifest schema version 2: the ONNX artifact ----------------------------------------
+
+
+def onnx_manifest() -> GlobalManifest:
+    return dataclasses.replace(samples()[2], onnx=payload(3))  # type: ignore[arg-type]
+
+
+def test_a_manifest_with_an_onnx_export_is_schema_version_2_and_roundtrips() -> None:
+    """The ONNX artifact has its own size, sha256 and chunk digests; its presence makes the
+    manifest version 2, its absence leaves the version-1 bytes exactly as before."""
+    m = onnx_manifest()
+    data = m.to_bytes()
+    obj = json.loads(data)
+    assert obj["schema"] == "fedscan.global_manifest/2"
+    assert obj["onnx"]["chunk_sha256"] == [H] * 3
+    assert GlobalManifest.from_bytes(data) == m
+    v1 = json.loads(samples()[2].to_bytes())
+    assert v1["schema"] == "fedscan.global_manifest/1" and "onnx" not in v1
+
+
+def test_an_old_build_refuses_a_version_2_manifest_saying_so() -> None:
+    """A node that reads only version 1 (the build before the ONNX artifact) refuses a
+    version-2 manifest with a message naming both versions, not a vague unknown field."""
+    from fl_protocol.schemas import check_schema
+
+    obj = json.loads(onnx_manifest().to_bytes())
+    with pytest.raises(SchemaError, match=r"version 2 is not supported.*version 1"):
+        check_schema(obj["schema"], "global_manifest", (1,))
+
+
+@pytest.mark.parametrize("schema", ["fedscan.global_manifest/1", "fedscan.global_manifest/2"])
+def test_the_schema_version_must_match_the_onnx_field(schema: str) -> None:
+    """Version 1 with an ``onnx`` field, or version 2 without one, is refused."""
+    obj = json.loads(onnx_manifest().to_bytes())
+    if schema.endswith("/2"):
+        del obj["onnx"]
+    obj["schema"] = schema
+    with pytest.raises(SchemaError, match="fields of schema version"):
+        GlobalManifest.from_bytes(json.dumps(obj).encode())
+
+
+def test_the_coordinator_signature_covers_the_onnx_artifact() -> None:
+    """Changing the ONNX digest of a signed manifest breaks its signature."""
+    from fl_protocol.errors import SignatureError
+    from fl_protocol.signing import generate_keypair, sign_manifest, verify_manifest
+
+    private, public = generate_keypair()
+    signed = sign_manifest(onnx_manifest(), private, "coordinator")
+    verify_manifest(GlobalManifest.from_bytes(signed.to_bytes()), public)
+    other = PayloadManifest(total_size=30, sha256="cd" * 32, chunk_size=10, chunk_sha256=[H] * 3)
+    forged = dataclasses.replace(signed, onnx=other)
+    with pytest.raises(SignatureError):
+        verify_manifest(forged, public)

@@ -107,3 +107,14 @@ def test_every_built_topic_parses_back(fed: str, node: str, rnd: int, idx: int) 
 def test_parse_topic_never_crashes(text: str) -> None:
     with contextlib.suppress(SchemaError):
         topics.parse_topic(text)
+
+
+def test_onnx_chunks_of_a_global_version_have_their_own_topic() -> None:
+    """The coordinator's ONNX export of version V goes on fl/F/global/V/onnx/i, beside the
+    weights' chunks, under the same global/# ACL."""
+    assert topics.global_onnx_chunk("demo", 3, 7) == "fl/demo/global/3/onnx/7"
+    assert topics.global_onnx_filter("demo", 3) == "fl/demo/global/3/onnx/+"
+    info = topics.parse_topic("fl/demo/global/3/onnx/7")
+    assert info == topics.TopicInfo("global_onnx_chunk", "demo", version=3, index=7)
+    with pytest.raises(SchemaError):
+        topics.parse_topic("fl/demo/global/3/onnx/07")
