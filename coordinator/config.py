@@ -18,6 +18,7 @@ from coordinator.errors import ConfigError
 T = TypeVar("T")
 
 TRAIN_MODES = ("full", "last_stage", "head")
+MIN_NODES_TRIMMED_MEAN = 3  # quorum a trimmed mean needs: one update cut at each end, one left
 INIT_CHOICES = ("random", "hub", "file")
 
 
@@ -73,8 +74,17 @@ class ModelConfig:
     init: str = "random"  # initial global weights: random | hub | file
     weights_file: Path | None = None  # init = "file": local pretrained weights
     seed: int = 0  # torch seed of the random init (version 0 is reproducible)
+    # export each global version to ONNX once (parity-checked) and publish it beside the
+    # weights: what predict-only nodes (no torch) install; training nodes use the weights
+    publish_onnx: bool = True
+    window_center: float = -600.0  # lung window (HU) written into the published ONNX metadata,
+    window_width: float = 1500.0  # which predict-only nodes preprocess with
 
     def __post_init__(self) -> None:
+        if not isinstance(self.publish_onnx, bool):
+            raise ConfigError("model.publish_onnx must be true or false")
+        if self.window_width <= 0:
+            raise ConfigError("model.window_width must be > 0")
         if self.init not in INIT_CHOICES:
             raise ConfigError(f"model.init must be one of {INIT_CHOICES}, not {self.init!r}")
         if self.init == "file" and self.weights_file is None:
@@ -127,6 +137,12 @@ class RoundsConfig:
             raise ConfigError("rounds: local_epochs, batch_size, lr must be positive")
         if self.mu < 0 or self.eval_wait_s < 0:
             raise ConfigError("rounds: mu and eval_wait_s must be >= 0")
+        if self.strategy == "trimmed_mean" and self.min_nodes < MIN_NODES_TRIMMED_MEAN:
+            # with 2 updates nothing can be cut from both ends: the "robust" mean would be plain
+            raise ConfigError(
+                f"rounds: strategy trimmed_mean needs min_nodes >= {MIN_NODES_TRIMMED_MEAN}"
+                f" (one update cut at each end), not {self.min_nodes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -135,12 +151,22 @@ class ValidationConfig:
     max_abs_norm_ratio: float = 1.0  # with < 3 updates: refuse norm > k x the global weights' norm
     min_abs_norm: float = 1.0  # floor of that global norm (a near-zero model must not block all)
     max_num_samples: int = 1_000_000  # self-reported sample counts above this are refused
+    # no node weighs more than this share of a sample-weighted round: larger claims are cut to
+    # a common ceiling (0.5: one node never outweighs all the others together; 1 = no cap)
+    max_weight_share: float = 0.5
+    # largest BatchNorm counter delta (num_batches_tracked: batches run) one update may carry;
+    # counter deltas must be whole numbers in [0, this] (below 2**24: exact in float32)
+    max_counter_step: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.max_norm_ratio <= 1 or self.max_abs_norm_ratio <= 0 or self.min_abs_norm <= 0:
             raise ConfigError("validation: max_norm_ratio > 1, max_abs_norm_ratio > 0 needed")
         if self.max_num_samples < 1:
             raise ConfigError("validation.max_num_samples must be >= 1")
+        if not 0.0 < self.max_weight_share <= 1.0:
+            raise ConfigError("validation.max_weight_share must be in (0, 1]")
+        if not 0 <= self.max_counter_step < 2**24:
+            raise ConfigError("validation.max_counter_step must be in [0, 2**24)")
 
 
 @dataclass(frozen=True)
@@ -279,6 +305,9 @@ embedded_port = 1883
 arch = "cnn2d"             # export.zoo registry name (resnet18, efficientnet_b0, cnn2d)
 texture_dim = 0
 init = "random"            # random | hub | file (then weights_file = "...")
+publish_onnx = true        # publish each version's ONNX export too (for predict-only nodes)
+window_center = -600.0     # lung window in that ONNX file's metadata
+window_width = 1500.0
 
 [rounds]
 num_rounds = 10
@@ -301,7 +330,11 @@ eval_wait_s = 0.0          # after the last round, wait this long for the final 
 # trimmed_mean: trim_ratio = 0.2
 
 [validation]
-max_norm_ratio = 10.0      # refuse an update > 10 x the median norm of the round
+max_norm_ratio = 10.0      # refuse an update > 10 x the median norm of the round, and at
+                           # aggregation one whose weighted contribution (share x norm) is
+                           # > 10 x the median contribution of the other nodes
 max_abs_norm_ratio = 1.0   # with < 3 updates: refuse an update larger than the model itself
 max_num_samples = 1000000
+max_weight_share = 0.5     # no node weighs more than half of a round, whatever it claims
+max_counter_step = 1000000 # BatchNorm counter deltas: whole numbers in [0, this]
 '''

@@ -6,7 +6,10 @@
     closed       new version committed with the close, or closed without one (no quorum)
 
 Collecting ends when the deadline has passed with at least ``min_nodes`` accepted updates, or
-as soon as every node of ``expected_nodes`` has reported with the quorum met. A round that
+as soon as every node of ``expected_nodes`` has reported with the quorum met. The quorum counts
+the updates aggregation would use (``aggregate.screen_updates``): one that would be refused as
+an outlier does not close the round early, and a round whose other updates still meet the
+quorum is aggregated from them. A round that
 reaches its deadline without quorum is extended once by ``round_timeout_s`` (manifest
 republished with the new deadline), then closed without a new version; the next round opens
 from the same global version. Round ids run 1..``num_rounds`` across restarts.
@@ -25,7 +28,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from coordinator.aggregate import Hook, aggregate_round
+from coordinator.aggregate import Hook, Screening, aggregate_round, screen_updates
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import StateError, UpdateRejected
 from coordinator.publisher import Publisher
@@ -111,7 +114,9 @@ class RoundMachine:
             return
         now = self.clock()
         rows = self.state.updates(rnd.id)
-        accepted = sum(1 for u in rows if u.accepted)
+        # what would count now: an update that aggregation would refuse does not make a quorum
+        screen = self._screen([u for u in rows if u.accepted])
+        accepted = screen.counted
         quorum = accepted >= self.rounds.min_nodes
         expected = set(self.rounds.expected_nodes)
         if expected and quorum and expected <= {u.node for u in rows}:
@@ -138,7 +143,10 @@ class RoundMachine:
                 accepted,
                 self.rounds.min_nodes,
             )
-            self.state.close_round(rnd.id, "no_quorum", now)
+            for node in screen.outliers:
+                log.warning("round %d: update of node %s refused: norm_outlier", rnd.id, node)
+            outliers = dict.fromkeys(screen.outliers, "norm_outlier")
+            self.state.close_round(rnd.id, "no_quorum", now, outliers=outliers)
             self._after_close(rnd.id)
 
     # -- transitions ---------------------------------------------------------------------------
@@ -177,6 +185,14 @@ class RoundMachine:
         self._publish_and_collect(rnd)
         self.publisher.retire_before(latest.version - 1)
 
+    def _screen(self, accepted: list[UpdateRow]) -> Screening:
+        return screen_updates(
+            accepted,
+            weighted=self.strategy.weighted,
+            max_weight_share=self.cfg.validation.max_weight_share,
+            max_norm_ratio=self.cfg.validation.max_norm_ratio,
+        )
+
     def _round_config(self, rnd: RoundRow) -> RoundConfig:
         config = RoundConfig.from_dict(rnd.config)
         return dataclasses.replace(config, deadline_ts=rnd.deadline)
@@ -206,6 +222,7 @@ class RoundMachine:
             metadata=self.model.metadata(),
             now=self.clock(),
             hook=self.hook,
+            max_weight_share=self.cfg.validation.max_weight_share,
         )
         self._after_close(rnd.id)
 

@@ -154,7 +154,18 @@ class State:
         strategy_state: Mapping[str, np.ndarray] | None = None,
     ) -> str:
         """Write global_v{version} (and its strategy state) atomically; returns the sha256.
-        The version is not visible until :meth:`add_version` / :meth:`commit_aggregate`."""
+        The version is not visible until :meth:`add_version` / :meth:`commit_aggregate`.
+        A tensor holding NaN or inf is refused (StateError): such a checkpoint would be
+        published, and every node would refuse it; the federation would stall."""
+        bad = [
+            k
+            for k, v in weights.items()
+            if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v).all()
+        ]
+        if bad:
+            raise StateError(
+                f"global v{version} not written: {len(bad)} tensors hold NaN or inf ({bad[0]})"
+            )
         if strategy_state:
             save_tensors(self.strategy_path(version), strategy_state)
         path = self.checkpoint_path(version)

@@ -121,6 +121,8 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     # True when the strategy cannot stream (it reads every update tensor by tensor instead)
     needs_all_updates: ClassVar[bool] = False
+    # True when updates count by their sample claims (then capped, see coordinator.aggregate)
+    weighted: bool = False
 
     @abstractmethod
     def begin_round(self, global_weights: Mapping[str, np.ndarray]) -> None:

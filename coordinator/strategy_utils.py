@@ -10,7 +10,7 @@ norms.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,33 @@ def integer_step(global_value: np.ndarray, max_delta: np.ndarray | None) -> np.n
     return np.asarray(out, dtype=global_value.dtype)  # 0-d stays an array, not a scalar
 
 
+def capped_weights(claims: Sequence[float], max_share: float) -> list[float]:
+    """Aggregation weights from self-reported sample counts, no node above ``max_share`` of
+    the total.
+
+    The largest claims are cut to one common ceiling ``T`` (water-filling), the others keep
+    their claim: ``T = max_share * sum(min(claim, T))``. So a node that claims 1,000,000 samples
+    weighs at most as much as ``max_share / (1 - max_share)`` times all the others together
+    (0.5: as much as all of them). When even equal weights are above ``max_share`` (fewer than
+    ``1 / max_share`` nodes), every node gets the same weight, the smallest claim.
+    """
+    n = len(claims)
+    values = [float(c) for c in claims]
+    if n == 0 or max_share >= 1.0 or max(values) <= max_share * sum(values):
+        return values
+    if n * max_share <= 1.0:
+        return [min(values)] * n
+    order = sorted(values)
+    k = 1  # how many of the largest claims are cut to T
+    while k < n and k * max_share < 1.0:
+        kept = order[: n - k]
+        ceiling = max_share * sum(kept) / (1.0 - k * max_share)
+        if kept[-1] <= ceiling <= order[n - k]:
+            return [min(c, ceiling) for c in values]
+        k += 1
+    return [min(values)] * n  # not reached: some k always fits when n * max_share > 1
+
+
 def apply_delta(global_value: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """``global + delta`` in the global tensor's dtype (float tensors only)."""
     out = np.asarray(global_value, dtype=np.float64) + np.asarray(delta, dtype=np.float64)
@@ -89,8 +116,12 @@ def weighted_mean(deltas: list[Mapping[str, np.ndarray]], weights: list[float]) 
 
 
 def trim_count(n: int, trim_ratio: float) -> int:
-    """How many values are cut from EACH end of n sorted values (floor(ratio * n))."""
+    """How many values are cut from EACH end of n sorted values: floor(ratio * n), but at least
+    one when ``trim_ratio > 0`` and n >= 3 (with 3 nodes and ratio 0.2, floor gives 0 and a
+    "trimmed" mean would cut nothing: one hostile node would count fully)."""
     k = math.floor(trim_ratio * n)
+    if trim_ratio > 0:
+        k = max(k, 1)
     # never cut everything: at least one value must remain in the middle
     return max(0, min(k, (n - 1) // 2))
 

@@ -1,6 +1,9 @@
 """Coordinate-wise trimmed mean (Yin et al. 2018): a robust aggregate that ignores the
-``k = floor(trim_ratio * n)`` largest and smallest values of every coordinate, so up to ``k``
-poisoned or broken updates cannot pull the model arbitrarily far.
+``k = max(1, floor(trim_ratio * n))`` largest and smallest values of every coordinate, so up to
+``k`` poisoned or broken updates cannot pull the model arbitrarily far. At least one value is
+cut at each end, so it needs 3 updates: ``rounds.min_nodes >= 3`` is required at start-up
+(``coordinator.config``), and a round that still ends with fewer (impossible with that quorum)
+is averaged plainly with a warning.
 
 Unlike FedAvg this cannot stream: every coordinate needs the values of all nodes. Memory stays
 bounded anyway, because ``aggregate`` reads the on-disk spool *tensor by tensor*: at any time it
@@ -58,8 +61,8 @@ class TrimmedMean(Strategy):
     needs_all_updates = True
 
     def __init__(self, trim_ratio: float = 0.2) -> None:
-        if not 0.0 <= trim_ratio < 0.5:
-            raise ConfigError(f"trimmed_mean: trim_ratio must be in [0, 0.5), not {trim_ratio}")
+        if not 0.0 < trim_ratio < 0.5:
+            raise ConfigError(f"trimmed_mean: trim_ratio must be in (0, 0.5), not {trim_ratio}")
         self.trim_ratio = trim_ratio  # share of values cut at EACH end of every coordinate
         self._global: Mapping[str, np.ndarray] | None = None
         self._buffered: list[_InMemory] = []
@@ -84,12 +87,8 @@ class TrimmedMean(Strategy):
         self, global_weights: Mapping[str, np.ndarray], updates: Sequence[UpdateSource]
     ) -> Weights:
         n = len(updates)
-        if n >= 3 and self.trim_ratio > 0 and trim_count(n, self.trim_ratio) == 0:
-            log.warning(
-                "trimmed_mean: trim_ratio %.2f cuts nothing with %d updates (plain mean)",
-                self.trim_ratio,
-                n,
-            )
+        if trim_count(n, self.trim_ratio) == 0:
+            log.warning("trimmed_mean: %d updates, nothing can be cut (plain mean)", n)
         key_sets = [set(u.keys()) for u in updates]
         out: Weights = {}
         for key, g in global_weights.items():

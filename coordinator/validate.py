@@ -3,8 +3,10 @@ short reason code (logged with the node id, sent back in the "rejected" ack).
 
 Reason codes: ``stale`` (round not open), ``wrong_federation``, ``unknown_node`` (not in the
 expected list), ``unknown_keys`` / ``missing_keys``, ``shape``, ``dtype``, ``not_finite``,
-``num_samples`` (not positive or above the cap), ``norm`` (L2 norm out of line), ``norm_outlier``
-(refused at aggregation time against the median of the whole round).
+``num_samples`` (not positive or above the cap), ``counter`` (a BatchNorm counter delta that is
+not a whole number in [0, ``max_counter_step``]), ``norm`` (L2 norm out of line),
+``norm_outlier`` (refused at aggregation time: its weighted contribution is out of line with the
+other nodes', see :func:`contribution_outliers`).
 
 The norm test compares an update with the median of the norms already accepted in the round
 (``max_norm_ratio`` x median); with fewer than 3 accepted, a median means little, so an
@@ -77,8 +79,10 @@ def check_num_samples(num_samples: int, max_num_samples: int) -> None:
         raise UpdateRejected("num_samples", f"{num_samples} not in [1, {max_num_samples}]")
 
 
-def check_delta(delta: Mapping[str, np.ndarray], spec: ModelSpec) -> float:
-    """Keys, shapes, dtypes and finiteness; returns the delta's L2 norm."""
+def check_delta(
+    delta: Mapping[str, np.ndarray], spec: ModelSpec, max_counter_step: int = 1_000_000
+) -> float:
+    """Keys, shapes, dtypes, finiteness and counter bounds; returns the delta's L2 norm."""
     unknown = set(delta) - spec.allowed_keys
     if unknown:
         raise UpdateRejected("unknown_keys", f"{len(unknown)} tensors not in the round's model")
@@ -97,8 +101,21 @@ def check_delta(delta: Mapping[str, np.ndarray], spec: ModelSpec) -> float:
             raise UpdateRejected("dtype", f"{key}: {value.dtype} is not floating point")
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise UpdateRejected("not_finite", f"{key} has NaN or inf")
+        if key in spec.integer_keys:
+            check_counter(key, value, max_counter_step)
     # counters are not parameters: their deltas (batches run) do not count in the norm
     return l2_norm(v for k, v in delta.items() if k not in spec.integer_keys)
+
+
+def check_counter(key: str, value: np.ndarray, max_step: int) -> None:
+    """A counter delta (batches run) is a whole number in [0, ``max_step``]: counters skip the
+    norm test, so without this bound one node could push them to 3.4e38 and the next global
+    model would hold inf."""
+    v = np.asarray(value, dtype=np.float64)
+    if v.size == 0:
+        return
+    if not (np.all(v >= 0) and np.all(v <= max_step) and np.all(v == np.rint(v))):
+        raise UpdateRejected("counter", f"{key}: not a whole number in [0, {max_step}]")
 
 
 def check_norm(
@@ -129,7 +146,7 @@ def validate_update(
 ) -> float:
     """Every content check of one update; returns its norm or raises ``UpdateRejected``."""
     check_num_samples(num_samples, policy.max_num_samples)
-    norm = check_delta(delta, spec)
+    norm = check_delta(delta, spec, policy.max_counter_step)
     check_norm(norm, spec, accepted_norms, policy)
     return norm
 
@@ -143,3 +160,23 @@ def norm_outliers(norms: Mapping[str, float], max_norm_ratio: float) -> list[str
     if median <= 0:
         return []
     return sorted(n for n, v in norms.items() if v > max_norm_ratio * median)
+
+
+def contribution_outliers(contributions: Mapping[str, float], max_ratio: float) -> list[str]:
+    """Nodes whose weighted contribution to the aggregate (weight share x delta norm) is above
+    ``max_ratio`` x the median contribution of the OTHER nodes of the round.
+
+    Leave-one-out, so it works from 2 updates on (of two, only the larger can be refused) and a
+    hostile node never sits in its own reference. Judged on what actually reaches the model: a
+    node that claims many samples must keep its norm down accordingly. Run once, at
+    aggregation, over every accepted update, so the verdict does not depend on arrival order.
+    """
+    out = []
+    for node, value in contributions.items():
+        others = [v for n, v in contributions.items() if n != node]
+        if not others:
+            continue
+        median = statistics.median(others)
+        if median > 0 and value > max_ratio * median:
+            out.append(node)
+    return sorted(out)
