@@ -154,6 +154,7 @@ class RecordingScp:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0
+        ae.require_called_aet = True  # a PACS refuses calls to another AE title
         handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store)]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
