@@ -3,7 +3,8 @@
 One line per slice/frame: with ``--json`` a JSON object
 ``{"path", "frame", "sop_instance_uid", "label", "confidence", "model_version"}``, or
 ``{"path", "error"}`` for an input that cannot be used. Folders are walked recursively.
-Exit 0 unless the model cannot be loaded (ModelError, exit 3). Torch is never imported.
+Exit 0 when every input was predicted, 9 when any input could not be used (each one has its
+error line; a count goes to stderr), 3 when the model cannot be loaded. Torch is never imported.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.errors import InputError
+from edge_node.errors import SOME_INPUTS_FAILED, InputError
 
 BATCH = 16
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         texture_fn = texture_features
 
     entries: list[_Entry] = []
+    counts = {"inputs": 0, "failed": 0}
 
     def flush() -> None:
         todo = [e for e in entries if e.image is not None]
@@ -86,11 +88,13 @@ def run(args: argparse.Namespace) -> int:
                 }
         for e in entries:
             _emit(e, args.json)
+            counts["failed"] += e.error is not None
         sys.stdout.flush()
         entries.clear()
 
     for path in iter_candidates([Path(p) for p in args.paths]):
         name = str(path)
+        counts["inputs"] += 1
         if not path.is_file():
             entries.append(_Entry(name, error="not_found: no such file"))
             continue
@@ -111,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
         if sum(e.image is not None for e in entries) >= BATCH:
             flush()
     flush()
+    if counts["failed"]:
+        print(
+            f"fedscan predict: {counts['failed']} of {counts['inputs']} inputs could not be used",
+            file=sys.stderr,
+        )
+        return SOME_INPUTS_FAILED
     return 0
 
 

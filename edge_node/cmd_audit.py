@@ -13,7 +13,7 @@ followed) with an accepted extension, no hidden files or folders, no writer drop
 
 The node's database is opened read-only, so auditing a running node is safe. ``--wait``
 re-checks until nothing is missing or the time is up (after a restart, while the node catches
-up); ``--strict`` exits 1 when files are still missing.
+up); ``--strict`` exits 9 when files are still missing.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_node.config import NodeConfig, load_config
-from edge_node.errors import ConfigError, StoreError
+from edge_node.errors import SOME_INPUTS_FAILED, ConfigError, StoreError
 from edge_node.watcher import IGNORED_PREFIXES, IGNORED_SUFFIXES
 
 Signature = tuple[int, float]  # (size, st_mtime), as the watcher keys files
@@ -139,14 +139,14 @@ def _run(args: argparse.Namespace) -> int:
         )
         for rel in report.missing:
             print(f"  missing: {rel}")
-    return 0 if report.complete or not args.strict else 1
+    return 0 if report.complete or not args.strict else SOME_INPUTS_FAILED
 
 
 def add_subcommands(node_sub: Any) -> None:
     p = node_sub.add_parser("audit", help="compare the inbox with the node's recorded outcomes")
     p.add_argument("--config", required=True, help="node.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--strict", action="store_true", help="exit 1 when files are missing")
+    p.add_argument("--strict", action="store_true", help="exit 9 when files are missing")
     p.add_argument(
         "--wait",
         type=float,

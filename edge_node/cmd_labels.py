@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_node.config import load_config
-from edge_node.errors import LabelError
+from edge_node.errors import SOME_INPUTS_FAILED, LabelError
 from edge_node.labels import LABELS, IngestReport, LabelBook, default_who, slice_identity
 from edge_node.split import VAL, side_of
 
@@ -57,7 +57,7 @@ def _run_label(args: argparse.Namespace) -> int:
             if not args.json:
                 for n, reason in report.problems:
                     print(f"  {noun} {n}: {reason}", file=sys.stderr)
-            return 0 if not report.problems else 1
+            return 0 if not report.problems else SOME_INPUTS_FAILED
         if not args.label:
             raise LabelError("--label covid|non_covid is required with --sop or --path")
         if args.path:

@@ -2,8 +2,8 @@
 
 ExportError                 exit 1
 ├── UnknownArchError        exit 2   name not in the registry (message lists the choices)
-├── WeightsError            exit 3   pretrained weights asked for but not available / mismatched
-└── ParityError             exit 4   ONNX outputs differ from torch beyond tolerance
+├── WeightsError            exit 12  pretrained weights asked for but not available / mismatched
+└── ParityError             exit 13  ONNX outputs differ from torch beyond tolerance
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ class UnknownArchError(ExportError):
 
 
 class WeightsError(ExportError):
-    exit_code = 3
+    exit_code = 12
 
 
 class ParityError(ExportError):
-    exit_code = 4
+    exit_code = 13

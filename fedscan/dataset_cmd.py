@@ -66,7 +66,12 @@ def add_parser(sub: Any) -> None:
     imp = dsub.add_parser("import", help="PNG/JPG slices -> DICOM Secondary Capture + index.csv")
     imp.add_argument("--src", type=Path, required=True, help="dataset folder")
     imp.add_argument("--out", type=Path, required=True, help="output folder")
-    imp.add_argument("--layout", choices=("auto", "ucsd", "folders"), default="auto")
+    imp.add_argument(
+        "--layout",
+        choices=("auto", "ucsd", "folders"),
+        default="auto",
+        help="source layout: UCSD COVID-CT, class folders, or detect (default auto)",
+    )
     imp.add_argument(
         "--class-map",
         action="append",
@@ -79,13 +84,15 @@ def add_parser(sub: Any) -> None:
     imp.set_defaults(func=_import)
 
     syn = dsub.add_parser("synthetic", help="CT-like synthetic slices (two classes) as DICOM")
-    syn.add_argument("--out", type=Path, required=True)
-    syn.add_argument("--n-per-class", type=int, default=60)
+    syn.add_argument("--out", type=Path, required=True, help="output folder")
+    syn.add_argument("--n-per-class", type=int, default=60, help="slices per class (default 60)")
     syn.add_argument(
         "--patients", type=int, default=None, help="default: n-per-class (2 slices per patient)"
     )
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--size", type=int, default=256, choices=(256, 512))
+    syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    syn.add_argument(
+        "--size", type=int, default=256, choices=(256, 512), help="slice side (default 256)"
+    )
     syn.set_defaults(func=_synthetic)
 
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])

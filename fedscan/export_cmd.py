@@ -9,7 +9,7 @@ without it the model is built fresh (random init, or ``--pretrained`` for the ba
 fresh classifier). After export, the ONNX file is run with onnxruntime on real CT slices
 (preprocessed with ``edge_node.preprocess.prepare``, texture features with
 ``edge_node.texture``) at batch 1 and batch 8 and compared to torch eval; the max abs logit
-difference of each is printed and a difference beyond tolerance fails the command (exit 4).
+difference of each is printed and a difference beyond tolerance fails the command (exit 13).
 Default slices: the real CT samples in tests/fixtures/dicom or ../shared/data/dicom-samples.
 With fewer than 8 distinct slices, batch 8 adds their mirror images and then repeats.
 
@@ -71,7 +71,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--window-center", type=float, default=-600.0, help="lung window level (HU)")
     p.add_argument("--window-width", type=float, default=1500.0, help="lung window width (HU)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (torchscript exporter)")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    p.add_argument(
+        "--exporter",
+        choices=("torchscript", "dynamo"),
+        default="torchscript",
+        help="torch ONNX exporter (default torchscript)",
+    )
     p.add_argument(
         "--int8",
         choices=("dynamic", "static"),

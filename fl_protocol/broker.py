@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = broker.start()
     except OSError as exc:
         log.error("%s", exc)
-        return 3
+        return 7  # as TransportError: the broker cannot listen (README "Exit codes")
     print(f"listening on {args.host}:{port}", flush=True)
     stop.wait()
     broker.stop()

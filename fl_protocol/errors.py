@@ -6,7 +6,7 @@ ProtocolError               exit 1
 ├── SignatureError                   a signature is missing, wrong, or from the wrong signer
 ├── ReplayError                      an old round / nonce / model version was replayed
 ├── CodecError                       an update cannot be encoded / decoded with that codec
-└── TransportError          exit 3   the MQTT broker cannot be reached / refused us
+└── TransportError          exit 7   the MQTT broker cannot be reached / refused us
 """
 
 from __future__ import annotations
@@ -37,4 +37,4 @@ class CodecError(ProtocolError):
 
 
 class TransportError(ProtocolError):
-    exit_code = 3
+    exit_code = 7

@@ -36,18 +36,18 @@ HOSPITALS = 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", required=True, help="write the figures here")
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="UCSD COVID-CT folder")
-    p.add_argument("--arch", default="cnn2d")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--limit", type=int, default=200, help="at most N slices per split")
     p.add_argument(
         "--noise", type=float, nargs="+", default=[0.01, 1.0], help="noise multipliers z"
     )
     p.add_argument("--clip", type=float, help="L2 clip C (default: median round-1 norm)")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--delta", type=float, default=1e-5, help="epsilon at this delta (1e-5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

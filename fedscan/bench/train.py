@@ -71,10 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="wall-clock budget of the whole run (default 40)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--patience", type=int, default=3, help="early stopping patience (epochs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
     p.add_argument(
         "--configs",

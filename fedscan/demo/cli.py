@@ -7,9 +7,9 @@ Starts an MQTT broker (``python -m fl_protocol.broker``), a coordinator and one 
 hospital as separate processes, drips CT slices into the hospitals' inboxes, runs the rounds,
 and ends with the table (each hospital's local-only model and the global model on a held-out
 test set) and a report folder (``DIR/report/index.html``). No internet, no certificates.
-Imports stay light here: the orchestrator is imported when the demo runs.
 """
 
+# Imports stay light here: the orchestrator is imported when the demo runs.
 from __future__ import annotations
 
 import argparse
@@ -58,8 +58,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument(
         "--labelled-per-node", type=int, default=120,
         help="labelled slices per hospital (default 120; 0 = all of --dataset)",
@@ -67,8 +67,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--test-per-node", type=int, default=30, help="synthetic test slices per node")
     p.add_argument("--min-labels", type=int, help="labels a node needs to train (default 1/3)")
     p.add_argument("--feed-seconds", type=float, default=45.0, help="drip duration (default 45)")
-    p.add_argument("--synthetic-size", type=int, default=256, choices=(256, 512))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=256,
+        choices=(256, 512),
+        help="side of the synthetic slices (default 256)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="federation time limit (s)")
     p.add_argument("--round-timeout", type=float, default=300.0, help="deadline per round (s)")
     p.add_argument("--no-local-baseline", action="store_true", help="skip local-only training")

@@ -1,7 +1,7 @@
 """Errors of ``fedscan demo`` (part of the glue layer's tree, ``fedscan.errors``).
 
 FedscanError (fedscan.errors)
-└── DemoError           exit 6   a process failed to start or died, the federation did not
+└── DemoError           exit 15  a process failed to start or died, the federation did not
                                  complete in time, or the output folder is not ours to reuse
 """
 
@@ -11,4 +11,4 @@ from fedscan.errors import FedscanError
 
 
 class DemoError(FedscanError):
-    exit_code = 6
+    exit_code = 15

@@ -1,7 +1,7 @@
 """Errors of ``fedscan experiment`` (part of the glue layer's tree, ``fedscan.errors``).
 
 FedscanError (fedscan.errors)
-└── ExperimentError     exit 7   bad settings, a partition that cannot be made, a failed arm
+└── ExperimentError     exit 16  bad settings, a partition that cannot be made, a failed arm
 """
 
 from __future__ import annotations
@@ -10,4 +10,4 @@ from fedscan.errors import FedscanError
 
 
 class ExperimentError(FedscanError):
-    exit_code = 7
+    exit_code = 16

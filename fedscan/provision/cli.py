@@ -74,7 +74,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--nodes", help="comma-separated node ids, e.g. a,b,c")
     parser.add_argument("--out", type=Path, help="provisioning folder to create")
     parser.add_argument("--broker-host", default="localhost", help="host name nodes dial")
-    parser.add_argument("--broker-port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--broker-port", type=int, default=DEFAULT_PORT, help=f"port nodes dial ({DEFAULT_PORT})"
+    )
     parser.add_argument(
         "--broker-install-dir",
         default=None,
@@ -89,7 +91,7 @@ def add_parser(sub: Any) -> None:
 
     p = cmds.add_parser("add-node", help="issue a kit for one more node and update the ACL")
     p.add_argument("--out", type=Path, required=True, help="existing provisioning folder")
-    p.add_argument("--node", required=True)
+    p.add_argument("--node", required=True, help="id of the new node")
     p.add_argument("--days", type=int, default=None, help="certificate lifetime")
     p.set_defaults(func=_add_node)
 
@@ -97,8 +99,13 @@ def add_parser(sub: Any) -> None:
         "revoke", help="revoke a node: CRL, ACL, coordinator's trusted keys, revoked.json"
     )
     p.add_argument("--out", type=Path, required=True, help="existing provisioning folder")
-    p.add_argument("--node", required=True)
-    p.add_argument("--reason", choices=sorted(REASONS), default="cessation_of_operation")
+    p.add_argument("--node", required=True, help="id of the node to revoke")
+    p.add_argument(
+        "--reason",
+        choices=sorted(REASONS),
+        default="cessation_of_operation",
+        help="CRL revocation reason (default cessation_of_operation)",
+    )
     p.set_defaults(func=_revoke)
 
     p = cmds.add_parser("crl", help="re-sign the CRL before it expires (expired = all refused)")

@@ -270,7 +270,7 @@ def test_cli_import_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixtu
     code = fedscan_main(
         ["dataset", "import", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     )
-    assert code == 3
+    assert code == 10  # DatasetError
     assert "does not exist" in capsys.readouterr().err
 
 

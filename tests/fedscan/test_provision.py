@@ -378,9 +378,9 @@ def test_cli_user_mistakes_are_one_line_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "fed"
-    assert main(["provision", "--federation", "f1", "--nodes", "a,a", "--out", str(out)]) == 4
+    assert main(["provision", "--federation", "f1", "--nodes", "a,a", "--out", str(out)]) == 11
     assert main(["provision", "--federation", "f1", "--nodes", "a", "--out", str(out)]) == 0
-    assert main(["provision", "--federation", "f1", "--nodes", "a", "--out", str(out)]) == 4
-    assert main(["provision", "add-node", "--out", str(tmp_path / "none"), "--node", "x"]) == 4
+    assert main(["provision", "--federation", "f1", "--nodes", "a", "--out", str(out)]) == 11
+    assert main(["provision", "add-node", "--out", str(tmp_path / "none"), "--node", "x"]) == 11
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fedscan: error: ") for line in err)
