@@ -91,6 +91,18 @@ def evaluate(weights_or_model: FedscanNet | Path | str, samples: SampleSet) -> M
     return _metrics_of(logits, labels)
 
 
+def predict_logits(weights_or_model: FedscanNet | Path | str, samples: SampleSet) -> np.ndarray:
+    """``[N, 2]`` float64 logits of ``samples`` in eval mode (for calibration and statistics)."""
+    if isinstance(weights_or_model, FedscanNet):
+        model = weights_or_model
+    else:
+        from export.weights import load_weights
+
+        model = load_weights(weights_or_model)
+    logits, _ = _scores(model, samples)
+    return logits.double().numpy()
+
+
 @dataclass(frozen=True)
 class EpochStats:
     loss: float  # mean training loss (cross-entropy + proximal term)

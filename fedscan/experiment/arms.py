@@ -26,9 +26,12 @@ import numpy as np
 from coordinator.strategy import create_strategy
 from edge_node.train_data import SampleSet
 from edge_node.train_job import TrainJob, TrainResult
-from edge_node.trainer import evaluate, evaluate_incoming, train_once
+from edge_node.train_loop import predict_logits
+from edge_node.trainer import evaluate, evaluate_incoming, load_split, train_once
+from export.net import FedscanNet
 from export.weights import load_numpy_state, load_weights, save_weights, state_to_numpy
 from fedscan.experiment.config import ExperimentConfig
+from fl_protocol.calibration import CalibrationStats, calibration_stats, combine
 from fl_protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,67 @@ class SeedContext:
 
 
 @dataclass(frozen=True)
+class ModelScores:
+    """One trained model's per-slice test logits and its validation summary."""
+
+    test_logits: np.ndarray  # [N_test, 2], in the order of ``SeedContext.test``
+    val_stats: CalibrationStats | None  # its own validation side (the calibration data)
+    val_accuracy: float | None  # on every hospital's validation patients (model selection)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "test_logits": [[round(float(a), 5), round(float(b), 5)] for a, b in self.test_logits],
+            "val_stats": None if self.val_stats is None else self.val_stats.to_dict(),
+            "val_accuracy": self.val_accuracy,
+        }
+
+
+def validation_sets(ctx: SeedContext, books: dict[str, Path]) -> dict[str, SampleSet]:
+    """Each hospital's local validation patients, split exactly as its trainer splits."""
+    out: dict[str, SampleSet] = {}
+    for name, db in books.items():
+        job = _job(ctx, db, ctx.work / "val" / name, 1, ctx.seed, ctx.init_weights)
+        out[name] = load_split(job, texture=False).val
+    return out
+
+
+def _stats(model: FedscanNet, samples: SampleSet) -> CalibrationStats | None:
+    if not len(samples):
+        return None
+    return calibration_stats(predict_logits(model, samples), samples.labels)
+
+
+def scores(
+    weights: Path | FedscanNet,
+    ctx: SeedContext,
+    vals: dict[str, SampleSet],
+    own: tuple[str, ...] | None = None,
+) -> ModelScores:
+    """Test logits; calibration statistics summed over the validation sides of ``own``
+    hospitals (None: all of them, as the coordinator sums the nodes' reports); accuracy on
+    every hospital's validation patients."""
+    model = weights if isinstance(weights, FedscanNet) else load_weights(weights)
+    per = {n: _stats(model, v) for n, v in vals.items()}
+    chosen = [s for n, s in per.items() if s is not None and (own is None or n in own)]
+    correct = total = 0
+    for v in vals.values():
+        if len(v):
+            pred = predict_logits(model, v).argmax(axis=1)
+            correct += int((pred == v.labels).sum())
+            total += len(v)
+    return ModelScores(
+        test_logits=predict_logits(model, ctx.test),
+        val_stats=combine(chosen),
+        val_accuracy=correct / total if total else None,
+    )
+
+
+@dataclass(frozen=True)
 class FedAvgOutcome:
     metrics: Metrics  # the selected global version on the test set (see ``fedavg``)
     last_metrics: Metrics  # the final round's global model on the test set
+    selected_path: Path  # weights of the selected version
+    last_path: Path
     selected_version: int
     per_round: tuple[float, ...]  # test accuracy of global v0..vR
     val_accuracy: tuple[float | None, ...]  # hospitals' weighted local-validation accuracy
@@ -96,21 +157,31 @@ def _train(job: TrainJob) -> TrainResult:
     return result
 
 
-def local_only(ctx: SeedContext, books: dict[str, Path]) -> dict[str, Metrics]:
-    """Each hospital alone for the whole budget; metrics per hospital on the test set."""
+def local_only(
+    ctx: SeedContext, books: dict[str, Path]
+) -> tuple[dict[str, Metrics], dict[str, ModelScores]]:
+    """Each hospital alone for the whole budget: test metrics and scores per hospital (each
+    calibrated on its own validation side)."""
     out: dict[str, Metrics] = {}
+    per: dict[str, ModelScores] = {}
+    vals = validation_sets(ctx, books)
     for name, db in books.items():
         job = _job(ctx, db, ctx.work / "local" / name, ctx.config.total_epochs, ctx.seed,
                    ctx.init_weights)  # fmt: skip
         result = _train(job)
         out[name] = evaluate(result.weights_path, ctx.test)
-    return out
+        per[name] = scores(result.weights_path, ctx, vals, own=(name,))
+    return out, per
 
 
-def centralized(ctx: SeedContext, pooled_book: Path) -> Metrics:
+def centralized(
+    ctx: SeedContext, pooled_book: Path, books: dict[str, Path]
+) -> tuple[Metrics, ModelScores]:
     job = _job(ctx, pooled_book, ctx.work / "centralized", ctx.config.total_epochs, ctx.seed,
                ctx.init_weights)  # fmt: skip
-    return evaluate(_train(job).weights_path, ctx.test)
+    weights = _train(job).weights_path
+    # the pooled book's validation patients are the union of the hospitals' (same salt)
+    return evaluate(weights, ctx.test), scores(weights, ctx, validation_sets(ctx, books))
 
 
 def _weighted_accuracy(results: list[tuple[Metrics | None, int]]) -> float | None:
@@ -173,6 +244,8 @@ def fedavg(ctx: SeedContext, books: dict[str, Path]) -> FedAvgOutcome:
     return FedAvgOutcome(
         metrics=last if selected == len(paths) - 1 else evaluate(paths[selected], ctx.test),
         last_metrics=last,
+        selected_path=paths[selected],
+        last_path=paths[-1],
         selected_version=selected,
         per_round=tuple(per_round),
         val_accuracy=tuple(val),

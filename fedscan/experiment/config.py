@@ -27,6 +27,8 @@ class ExperimentConfig:
     augment: bool = True
     threads: int = 1  # torch threads of each training
     jobs: int = 2  # trainings run at once (one arm of one seed each), in worker processes
+    folds: int = 0  # 0: the official test split; K >= 2: patient-disjoint K-fold CV
+    n_boot: int = 1000  # bootstrap resamples of patients for the intervals
     cache_dir: Path | None = None  # imported dataset (DICOM + index.csv); default under ~/.cache
     work_dir: Path | None = None  # label books, weights, trainer cache; default beside json_out
 
@@ -43,6 +45,10 @@ class ExperimentConfig:
             raise ExperimentError("rounds, local epochs, batch size and lr must be positive")
         if not 0.0 < self.val_fraction < 1.0:
             raise ExperimentError("val_fraction must be in (0, 1)")
+        if self.folds == 1 or self.folds < 0:
+            raise ExperimentError("--folds must be 0 (official split) or >= 2")
+        if self.n_boot < 10:
+            raise ExperimentError("--n-boot must be >= 10")
         if self.threads < 1 or self.jobs < 1:
             raise ExperimentError("--threads and --jobs must be >= 1")
 

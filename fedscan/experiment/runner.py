@@ -7,6 +7,7 @@ hospital with the highest test accuracy (a strict baseline for FedAvg to beat).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -14,15 +15,16 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from fedscan.experiment import arms
+from fedscan.experiment import arms, crossval
 from fedscan.experiment.config import ExperimentConfig
 from fedscan.experiment.data import ensure_index, eval_samples, load_rows, write_label_book
 from fedscan.experiment.partition import class_shares, partition
+from fedscan.experiment.stats import N_BOOT
 from fedscan.experiment.tasks import ARMS, Task, run_task
 from fl_protocol.metrics import Metrics
 
@@ -66,10 +68,19 @@ def _mean_metrics(ms: Sequence[Metrics]) -> dict[str, float | None]:
     return out
 
 
-def prepare_seed(config: ExperimentConfig, seed: int, parts: dict[str, Any]) -> list[Task]:
-    """Partition, label books and initial weights of one seed; its three tasks."""
-    pool, base = parts["pool"], parts["base"]
-    work = config.work / f"seed-{seed}"
+def prepare_seed(
+    config: ExperimentConfig,
+    seed: int,
+    parts: dict[str, Any],
+    fold: int = 0,
+    pool: Sequence[Any] | None = None,
+    test_rows: Sequence[Any] | None = None,
+) -> list[Task]:
+    """Partition, label books and initial weights of one seed (and fold); its three tasks."""
+    base = parts["base"]
+    pool = parts["pool"] if pool is None else pool
+    test_rows = parts["test_rows"] if test_rows is None else test_rows
+    work = config.work / f"seed-{seed}" / (f"fold-{fold}" if fold else "")
     hospitals = partition(pool, config.nodes, config.partition, seed)
     books = tuple(
         (h.name, write_label_book(work / "books" / f"{h.name}.sqlite", h.rows, base))
@@ -77,7 +88,7 @@ def prepare_seed(config: ExperimentConfig, seed: int, parts: dict[str, Any]) -> 
     )
     pooled = write_label_book(work / "books" / "pooled.sqlite", pool, base)
     init = arms.initial_weights(config.arch, seed, work / "global_v0.safetensors")
-    parts.setdefault("hospitals", {})[seed] = [h.summary() for h in hospitals]
+    parts.setdefault("hospitals", {})[(seed, fold)] = [h.summary() for h in hospitals]
     return [
         Task(
             seed,
@@ -89,8 +100,9 @@ def prepare_seed(config: ExperimentConfig, seed: int, parts: dict[str, Any]) -> 
             init,
             parts["pool_cache"],
             parts["eval_cache"],
-            tuple(parts["test_rows"]),
+            tuple(test_rows),
             base,
+            fold,
         )
         for arm in ARMS
     ]
@@ -101,32 +113,46 @@ def _progress(out: Mapping[str, Any]) -> None:
         accs = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in out["hospitals"].items())
     else:
         accs = f"{100 * out['metrics']['accuracy']:.1f}%"
-    print(f"seed {out['seed']}: {out['arm']} done in {out['seconds']:.0f} s ({accs})", flush=True)
+    fold = f" fold {out['fold']}" if out.get("fold") else ""
+    print(f"seed {out['seed']}{fold}: {out['arm']} done in {out['seconds']:.0f} s ({accs})",
+          flush=True)  # fmt: skip
 
 
-def run_tasks(tasks: Sequence[Task], jobs: int) -> list[dict[str, Any]]:
-    """Every task, ``jobs`` at a time (in this process when ``jobs`` is 1)."""
-    if jobs <= 1:
+def run_tasks(
+    tasks: Sequence[Task],
+    jobs: int,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every task, ``jobs`` at a time (in this process when ``jobs`` is 1); ``on_done`` gets
+    each result as it finishes."""
+    if jobs <= 1 or len(tasks) <= 1:
         results = []
         for task in tasks:
             results.append(run_task(task))
             _progress(results[-1])
+            if on_done:
+                on_done(results[-1])
         return results
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         futures = [pool.submit(run_task, t) for t in tasks]
         for fut in as_completed(futures):
             _progress(fut.result())
+            if on_done:
+                on_done(fut.result())
         return [f.result() for f in futures]
 
 
-def seed_record(seed: int, hospitals: Any, results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One seed's results in the JSON's ``runs`` shape."""
-    by_arm = {r["arm"]: r for r in results if r["seed"] == seed}
+def seed_record(
+    seed: int, hospitals: Any, results: Sequence[Mapping[str, Any]], fold: int = 0
+) -> dict[str, Any]:
+    """One seed's (and fold's) results in the JSON's ``runs`` shape."""
+    by_arm = {r["arm"]: r for r in results if r["seed"] == seed and r.get("fold", 0) == fold}
     local = {n: Metrics.from_dict(m) for n, m in by_arm["local_only"]["hospitals"].items()}
     best = max(local, key=lambda name: local[name].accuracy)
     return {
         "seed": seed,
+        "fold": fold,
         "hospitals": hospitals,
         "local_only": {n: m.to_dict() for n, m in local.items()},
         "local_only_mean": _mean_metrics(list(local.values())),
@@ -243,8 +269,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         "",
         f"{c['partition']} partition, {c['nodes']} hospitals, {c['arch']} (random init), "
         f"{c['rounds']} rounds x {c['local_epochs']} local epochs (= {c['total_epochs']} epochs "
-        f"for local-only and centralized), mean ± std over {n_seeds} seed(s); test = official "
-        f"test split ({doc['test_set']['slices']} slices).",
+        f"for local-only and centralized), mean ± std over {n_seeds} run(s) (seeds x folds); test: "
+        f"{doc.get('evaluation', 'official test split')} ({doc['test_set']['slices']} slices).",
         f"FedAvg - best local-only hospital of each seed: "
         f"{t['fedavg_minus_best_local_points']:+.1f} points; FedAvg - best hospital on average: "
         f"{t.get('fedavg_minus_best_hospital_on_average_points', float('nan')):+.1f} points "
@@ -259,6 +285,42 @@ def markdown(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fold_plan(
+    config: ExperimentConfig, seed: int, pool: list[Any], test_rows: list[Any]
+) -> list[tuple[int, list[Any], list[Any]]]:
+    """[(fold, pool rows, test rows)]: the official split, or ``config.folds`` patient-disjoint
+    folds over every row (train + val + test), class-balanced, dealt per seed."""
+    if not config.folds:
+        return [(0, pool, test_rows)]
+    everything = [*pool, *test_rows]
+    folds = partition(everything, config.folds, "iid", seed, prefix="fold")
+    out = []
+    for k, fold in enumerate(folds, start=1):
+        held = {r.sop_instance_uid for r in fold.rows}
+        out.append((k, [r for r in everything if r.sop_instance_uid not in held], list(fold.rows)))
+    return out
+
+
+def _done_file(config: ExperimentConfig) -> Path:
+    """Finished tasks of this configuration (JSON lines), so an interrupted run resumes."""
+    skip = ("json_out", "jobs", "threads", "work_dir", "cache_dir", "n_boot")
+    basis = {k: v for k, v in config.describe().items() if k not in skip}
+    digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:12]
+    return config.work / f"done-{digest}.jsonl"
+
+
+def _load_done(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return out
+
+
 def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     """Everything; writes ``config.json_out`` and returns the document."""
     t_start = time.perf_counter()
@@ -266,26 +328,52 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     pool, test_rows, base = load_rows(index)
     config.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    cv = bool(config.folds)
     parts: dict[str, Any] = {
         "pool": pool,
         "base": base,
         "test_rows": test_rows,
         "pool_cache": config.work / "pool-cache",
-        "eval_cache": config.work / "eval-cache",
+        "eval_cache": config.work / ("pool-cache" if cv else "eval-cache"),
     }
     eval_samples(test_rows, base, parts["eval_cache"])  # warm both caches once
     eval_samples(pool, base, parts["pool_cache"])
+    if cv:
+        eval_samples(test_rows, base, parts["pool_cache"])
     print(f"{len(pool)} pool and {len(test_rows)} test slices preprocessed "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    tasks = [t for seed in config.seeds for t in prepare_seed(config, seed, parts)]
-    results = run_tasks(tasks, config.jobs)
-    runs = [seed_record(s, parts["hospitals"][s], results) for s in config.seeds]
+    done_path = _done_file(config)
+    done = _load_done(done_path)
+    finished = {(r["seed"], r.get("fold", 0), r["arm"]) for r in done}
+    tasks: list[Task] = []
+    plan: list[tuple[int, int]] = []
+    for seed in config.seeds:
+        for fold, fpool, ftest in _fold_plan(config, seed, pool, test_rows):
+            plan.append((seed, fold))
+            tasks += [t for t in prepare_seed(config, seed, parts, fold, fpool, ftest)
+                      if (seed, fold, t.arm) not in finished]  # fmt: skip
+    if finished:
+        print(f"resuming: {len(finished)} task(s) already done ({done_path.name})", flush=True)
+
+    def record(out: dict[str, Any]) -> None:
+        with done_path.open("a") as fh:
+            fh.write(json.dumps(out, default=str) + "\n")
+
+    results = done + run_tasks(tasks, config.jobs, on_done=record)
+    runs = [seed_record(s, parts["hospitals"][(s, f)], results, f) for s, f in plan]
     doc: dict[str, Any] = {
-        "schema": "fedscan.experiment/1",
+        "schema": "fedscan.experiment/2",
         "config": config.describe(),
         "note": SIMULATION_NOTE,
         "init": "random (no pretrained weights)",
         "index": str(index),
+        "evaluation": (
+            f"{config.folds}-fold patient-disjoint cross-validation over every slice "
+            "(train + val + test of the official split); each fold's remaining patients are "
+            "partitioned across the hospitals"
+            if cv
+            else "official test split"
+        ),
         "pool": {
             "slices": len(pool),
             "patients": len({r.patient_key for r in pool}),
@@ -298,33 +386,59 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             "non_covid": sum(r.label == "non_covid" for r in test_rows),
         },
         "metric_definitions": "fl_protocol.metrics (positive class = covid); std = sample "
-        "standard deviation over seeds",
+        "standard deviation over the runs (seeds, or seeds x folds)",
         "runs": runs,
+        "predictions": [
+            {
+                k: r[k]
+                for k in (
+                    "seed",
+                    "fold",
+                    "arm",
+                    "test_ids",
+                    "test_labels",
+                    "test_patients",
+                    "scores",
+                )
+                if k in r
+            }
+            for r in results
+        ],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
-    agg = aggregate(runs)
-    doc["arms"] = {k: agg[k] for k in ("local_only", "fedavg", "centralized")}
-    doc["target"] = agg["target"]
+    if cv:
+        doc["test_set"] = {"slices": len(pool) + len(test_rows), "note": "every slice, once"}
+    _summaries(doc, config.n_boot)
     doc["seconds"] = time.perf_counter() - t_start
-    doc["markdown"] = markdown(doc)
-    config.json_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config.json_out.with_name(f".{config.json_out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, config.json_out)
+    _write(config.json_out, doc)
     return doc
 
 
-def resummarize(path: Path) -> dict[str, Any]:
-    """Recompute the arms, the target check and the table of an earlier run from its per-seed
-    ``runs`` (no training); rewrites the file."""
-    doc = load(path)
+def _summaries(doc: dict[str, Any], n_boot: int) -> None:
     agg = aggregate(doc["runs"])
     doc["arms"] = {k: agg[k] for k in ("local_only", "fedavg", "centralized")}
     doc["target"] = agg["target"]
+    if doc.get("predictions"):
+        seeds = sorted({r["seed"] for r in doc["predictions"]})
+        doc["intervals"] = crossval.summarize(doc["predictions"], seeds, n_boot=n_boot)
     doc["markdown"] = markdown(doc)
+    if doc.get("intervals"):
+        doc["markdown"] += "\n" + crossval.markdown(doc["intervals"])
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def resummarize(path: Path, n_boot: int | None = None) -> dict[str, Any]:
+    """Recompute the arms, the target check, the intervals and the table of an earlier run
+    from its ``runs`` and ``predictions`` (no training); rewrites the file."""
+    doc = load(path)
+    _summaries(doc, n_boot or int(doc.get("config", {}).get("n_boot", N_BOOT)))
+    _write(path, doc)
     return doc
 
 

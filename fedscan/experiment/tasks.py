@@ -37,6 +37,7 @@ class Task:
     eval_cache: Path  # warmed cache of the test slices
     test_rows: tuple[IndexRow, ...]
     base: Path  # index paths are relative to this
+    fold: int = 0  # cross-validation fold (0 with the official split)
 
 
 def link_cache(src: Path, dst: Path) -> None:
@@ -63,9 +64,14 @@ def run_task(task: Task) -> dict[str, Any]:
     test = eval_samples(task.test_rows, task.base, task.eval_cache)
     ctx = arms.SeedContext(task.config, task.seed, task.work, state_dir, task.init_weights, test)
     books = dict(task.books)
-    out: dict[str, Any] = {"seed": task.seed, "arm": task.arm}
+    out: dict[str, Any] = {"seed": task.seed, "fold": task.fold, "arm": task.arm}
+    out["test_ids"] = list(test.ids)
+    out["test_labels"] = [int(v) for v in test.labels]
+    out["test_patients"] = [str(p) for p in test.patient_keys]
     if task.arm == "local_only":
-        out["hospitals"] = {n: m.to_dict() for n, m in arms.local_only(ctx, books).items()}
+        metrics, per = arms.local_only(ctx, books)
+        out["hospitals"] = {n: m.to_dict() for n, m in metrics.items()}
+        out["scores"] = {n: s.to_dict() for n, s in per.items()}
     elif task.arm == "fedavg":
         fed = arms.fedavg(ctx, books)
         out["metrics"] = fed.metrics.to_dict()
@@ -73,8 +79,16 @@ def run_task(task: Task) -> dict[str, Any]:
         out["selected_version"] = fed.selected_version
         out["per_round"] = list(fed.per_round)
         out["val_accuracy"] = list(fed.val_accuracy)
+        # calibration from the hospitals' validation statistics, summed (what nodes report)
+        vals = arms.validation_sets(ctx, books)
+        out["scores"] = {
+            "fedavg": arms.scores(fed.selected_path, ctx, vals).to_dict(),
+            "fedavg_last": arms.scores(fed.last_path, ctx, vals).to_dict(),
+        }
     elif task.arm == "centralized":
-        out["metrics"] = arms.centralized(ctx, task.pooled_book).to_dict()
+        metrics_c, sc = arms.centralized(ctx, task.pooled_book, books)
+        out["metrics"] = metrics_c.to_dict()
+        out["scores"] = {"centralized": sc.to_dict()}
     else:
         raise ValueError(f"unknown arm {task.arm!r}")
     out["seconds"] = time.perf_counter() - t0
