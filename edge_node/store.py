@@ -154,6 +154,51 @@ class PredictionRow:
 _PRED_COLS = tuple(PredictionRow.__dataclass_fields__)
 
 
+@dataclass(frozen=True)
+class SeriesNote:
+    """One predicted or skipped instance's study and series header, filed with its outcome
+    (rows of ``studies`` and ``series``; edge_node.series completes the series later)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    patient_key: str | None = None
+    modality: str = ""
+    patient_name: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    referring_physician: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    protocol_name: str = ""
+    expected_instances: int | None = None
+    skip_reason: str | None = None  # set when the instance was skipped (e.g. not_chest:*)
+
+
+_STUDY_COLS = (
+    "patient_name",
+    "patient_id",
+    "patient_key",
+    "accession_number",
+    "study_date",
+    "study_time",
+    "study_description",
+    "referring_physician",
+)
+_SERIES_HEADER_COLS = (
+    "modality",
+    "series_number",
+    "series_description",
+    "body_part",
+    "protocol_name",
+)
+SERIES_STATUSES = ("open", "complete", "skipped")
+
+
 @contextmanager
 def write_transaction(conn: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``conn`` (autocommit mode), rolled back on any
@@ -180,6 +225,68 @@ def _migrate(conn: sqlite3.Connection) -> None:
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     conn.execute(POST_MIGRATION_SQL)
+
+
+def _file_series(c: sqlite3.Connection, note: SeriesNote, now: float) -> None:
+    """Upsert the study and series rows of one instance (inside the file's transaction).
+
+    A new instance (its SOP UID has no outcome yet) counts in ``n_instances`` and moves
+    ``last_seen``; a predicted one (re)opens the series (a late slice reopens a complete
+    series, whose verdict is then made again); a skipped one opens a new series as
+    ``skipped`` and leaves an existing series as it is."""
+    seen = c.execute(
+        "SELECT 1 FROM files WHERE sop_instance_uid = ? AND outcome IN ('predicted','skipped')"
+        " LIMIT 1",
+        (note.sop_instance_uid,),
+    ).fetchone()
+    new = 0 if seen else 1
+    study = [getattr(note, k) for k in _STUDY_COLS]
+    c.execute(
+        f"INSERT INTO studies(study_instance_uid, {', '.join(_STUDY_COLS)}, first_seen,"
+        f" last_seen) VALUES (?, {', '.join('?' for _ in _STUDY_COLS)}, ?, ?)"
+        " ON CONFLICT(study_instance_uid) DO UPDATE SET "
+        + ", ".join(f"{k} = COALESCE(NULLIF(excluded.{k}, ''), {k})" for k in _STUDY_COLS)
+        + ", last_seen = excluded.last_seen",
+        (note.study_instance_uid, *study, now, now),
+    )
+    status = "skipped" if note.skip_reason else "open"
+    header = [getattr(note, k) for k in _SERIES_HEADER_COLS]
+    # (in SET, column names read the row as it was before this UPDATE)
+    reopen = (
+        ""
+        if note.skip_reason
+        else (
+            ", status = CASE WHEN ? OR status = 'skipped' THEN 'open' ELSE status END,"
+            " skip_reason = CASE WHEN status = 'skipped' THEN NULL ELSE skip_reason END"
+        )
+    )
+    params: list[Any] = [
+        note.series_instance_uid,
+        note.study_instance_uid,
+        *header,
+        new,
+        note.expected_instances,
+        now,
+        now,
+        status,
+        note.skip_reason,
+        new,
+        new,
+        now,
+    ]
+    if not note.skip_reason:
+        params.append(new)
+    c.execute(
+        f"INSERT INTO series(series_instance_uid, study_instance_uid,"
+        f" {', '.join(_SERIES_HEADER_COLS)}, n_instances, expected_instances, first_seen,"
+        f" last_seen, status, skip_reason) VALUES (?, ?,"
+        f" {', '.join('?' for _ in _SERIES_HEADER_COLS)}, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(series_instance_uid) DO UPDATE SET"
+        " n_instances = n_instances + ?,"
+        " expected_instances = COALESCE(excluded.expected_instances, expected_instances),"
+        " last_seen = CASE WHEN ? THEN ? ELSE last_seen END" + reopen,
+        params,
+    )
 
 
 class Store:
@@ -228,12 +335,19 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def record_file(self, rec: FileRecord, predictions: Sequence[PredictionRow] = ()) -> list[int]:
+    def record_file(
+        self,
+        rec: FileRecord,
+        predictions: Sequence[PredictionRow] = (),
+        note: SeriesNote | None = None,
+    ) -> list[int]:
         """Write one file's outcome and its predictions in one transaction; returns row ids."""
-        return self.record_files([(rec, predictions)])[0]
+        return self.record_files([(rec, predictions)], [note])[0]
 
     def record_files(
-        self, items: Sequence[tuple[FileRecord, Sequence[PredictionRow]]]
+        self,
+        items: Sequence[tuple[FileRecord, Sequence[PredictionRow]]],
+        notes: Sequence[SeriesNote | None] = (),
     ) -> list[list[int]]:
         """Write several files' outcomes and predictions in one transaction.
 
@@ -245,7 +359,7 @@ class Store:
         delay = 0.25
         while True:
             try:
-                return self._record_files_once(items)
+                return self._record_files_once(items, notes)
             except StoreError as exc:
                 code = getattr(exc.__cause__, "sqlite_errorcode", None)
                 if code is None or code & 0xFF not in TRANSIENT_SQLITE_CODES or self._closed:
@@ -255,7 +369,9 @@ class Store:
                 delay = min(2.0 * delay, WRITE_RETRY_MAX_S)
 
     def _record_files_once(
-        self, items: Sequence[tuple[FileRecord, Sequence[PredictionRow]]]
+        self,
+        items: Sequence[tuple[FileRecord, Sequence[PredictionRow]]],
+        notes: Sequence[SeriesNote | None] = (),
     ) -> list[list[int]]:
         now = time.time()
         out: list[list[int]] = []
@@ -263,7 +379,10 @@ class Store:
         marks = ", ".join("?" for _ in _PRED_COLS)
         updates = ", ".join(f"{k}=excluded.{k}" for k in _PRED_COLS if k != "frame")
         with self._tx() as c:
-            for rec, predictions in items:
+            for k, (rec, predictions) in enumerate(items):
+                note = notes[k] if k < len(notes) else None
+                if note is not None:
+                    _file_series(c, note, now)
                 c.execute(
                     "INSERT INTO files(path, size, mtime, sop_instance_uid, outcome, reason,"
                     " n_frames, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE"
@@ -349,6 +468,77 @@ class Store:
 
     def count_predictions(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM predictions")[0]["n"])
+
+    # -- series (edge_node.series) ----------------------------------------------------------
+
+    def open_series(self) -> list[dict[str, Any]]:
+        """Series still waiting for completion, oldest activity first."""
+        rows = self._query("SELECT * FROM series WHERE status = 'open' ORDER BY last_seen")
+        return [dict(r) for r in rows]
+
+    def series(self, series_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM series WHERE series_instance_uid = ?", (series_uid,))
+        return dict(rows[0]) if rows else None
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM studies WHERE study_instance_uid = ?", (study_uid,))
+        return dict(rows[0]) if rows else None
+
+    def series_predictions(self, series_uid: str) -> list[dict[str, Any]]:
+        """Every predicted slice/frame of a series (the evidence of its verdict)."""
+        rows = self._query(
+            "SELECT * FROM predictions WHERE series_instance_uid = ? ORDER BY path, frame",
+            (series_uid,),
+        )
+        return [dict(r) for r in rows]
+
+    def set_expected_instances(self, series_uid: str, n: int) -> bool:
+        """Declare how many instances a series will hold (completes it at that count)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE series SET expected_instances = ? WHERE series_instance_uid = ?",
+                (int(n), series_uid),
+            )
+            return cur.rowcount > 0
+
+    def complete_series(self, series_uid: str, last_seen: float, values: dict[str, Any]) -> bool:
+        """Mark an open series complete with its verdict ``values`` (columns of ``series``),
+        unless an instance arrived since ``last_seen`` (then it stays open: False)."""
+        allowed = {
+            "verdict", "score", "threshold", "uncertain_band", "rule", "n_slices_used",
+            "model_version", "calibrated", "results_json", "status", "skip_reason",
+        }  # fmt: skip
+        bad = set(values) - allowed
+        if bad:
+            raise StoreError(f"not series verdict columns: {sorted(bad)}")
+        values = {"status": "complete", **values, "completed_at": time.time()}
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._tx() as c:
+            cur = c.execute(
+                f"UPDATE series SET {sets} WHERE series_instance_uid = ? AND status = 'open'"
+                " AND last_seen <= ?",
+                (*values.values(), series_uid, last_seen),
+            )
+            return cur.rowcount > 0
+
+    def set_series_results(self, series_uid: str, results_json: str) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE series SET results_json = ? WHERE series_instance_uid = ?",
+                (results_json, series_uid),
+            )
+
+    def recent_series(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Newest activity first, each with its study's columns (for listings)."""
+        limit = max(1, min(int(limit), 10_000))
+        rows = self._query(
+            "SELECT s.*, st.patient_name, st.patient_id, st.accession_number, st.study_date,"
+            " st.study_description FROM series s LEFT JOIN studies st"
+            " ON st.study_instance_uid = s.study_instance_uid"
+            " ORDER BY s.last_seen DESC LIMIT ?",
+            (limit,),
+        )
+        return [dict(r) for r in rows]
 
     def _has_table(self, name: str) -> bool:
         rows = self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("fedscan.bench.train", "local training speed on real slices"),
     "federation": ("fedscan.bench.federation", "rounds over a real broker"),
     "dp": ("fedscan.bench.dp", "accuracy cost of differential privacy on updates (UCSD)"),
+    "series-rule": ("fedscan.bench.series_rule", "series verdict rules judged per patient (UCSD)"),
 }
 
 
