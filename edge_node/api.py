@@ -11,7 +11,9 @@
 
 Bound to 127.0.0.1 by default; when ``api.token`` is set every route but /health needs
 ``Authorization: Bearer <token>`` (or ``?token=`` on GET, so the page and its images work in
-a browser).
+a browser). Every request first passes ``edge_node.api_guard.RequestGuard``: Host must name
+the node (DNS rebinding), writes must come from its own page (Origin) with a JSON body, the
+upload with ``Content-Type: application/dicom``, and bodies are bounded (413).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import asyncio
 import hmac
 import html
 import io
-import json
 import logging
+import os
 import socket
 import string
 import threading
@@ -35,10 +37,18 @@ import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from edge_node.api_guard import (
+    BadJson,
+    BodyTooLarge,
+    RequestGuard,
+    allowed_host_names,
+    parse_json,
+)
 from edge_node.errors import InputError, LabelError, NodeError
 from edge_node.metrics import render_metrics
 from edge_node.model_refusal import refusal_json, render_refusals
@@ -50,7 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-MAX_UPLOAD = 512 * 1024 * 1024
+UPLOAD_TYPES = {"/api/predict": "application/dicom"}  # bodies that are not JSON (api_guard)
+MAX_ROW_ID = 2**63 - 1  # SQLite INTEGER; a larger id in a URL is simply not found
+MAX_LIMIT = 1000  # ?limit= bound of list routes
 THUMB_PX = 128
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -75,6 +87,7 @@ class NodeApi:
         self.token = node.config.api.token
         self.thumbs = node.config.paths.state_dir / "thumbnails"
         self.uploads = node.config.paths.state_dir / "uploads"
+        self.max_upload = int(node.config.api.max_upload_mb) << 20
         self._page = string.Template((STATIC / "index.html").read_text())
 
     def app(self) -> Starlette:
@@ -90,7 +103,14 @@ class NodeApi:
             Route("/", a(self.page)),
             Route("/static/{name:str}", a(self.static)),
         ]
-        return Starlette(routes=routes)
+        cfg = self.node.config.api
+        guard = Middleware(
+            RequestGuard,  # type: ignore[arg-type]
+            hosts=allowed_host_names(cfg.host, cfg.allowed_hosts),
+            upload_types=UPLOAD_TYPES,
+            max_upload_bytes=self.max_upload,
+        )
+        return Starlette(routes=routes, middleware=[guard])
 
     def _auth(self, handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
@@ -130,10 +150,14 @@ class NodeApi:
             limit = int(request.query_params.get("limit", "50"))
         except ValueError:
             return _error(400, "limit must be an integer")
+        if not 1 <= limit <= MAX_LIMIT:
+            return _error(400, f"limit must be 1..{MAX_LIMIT}")
         rows = await run_in_threadpool(self.node.store.recent_predictions, limit)
         return _json({"predictions": [_with_thumb(r) for r in rows]})
 
     async def prediction(self, request: Request) -> Response:
+        if int(request.path_params["pred_id"]) > MAX_ROW_ID:
+            return _error(404, "no such prediction")
         row = await run_in_threadpool(self.node.store.prediction, request.path_params["pred_id"])
         if row is None:
             return _error(404, "no such prediction")
@@ -160,6 +184,8 @@ class NodeApi:
 
     async def thumbnail(self, request: Request) -> Response:
         pred_id = int(request.path_params["pred_id"])
+        if pred_id > MAX_ROW_ID:
+            return _error(404, "no such prediction or its file is gone")
         png = await run_in_threadpool(self._thumbnail_png, pred_id)
         if png is None:
             return _error(404, "no such prediction or its file is gone")
@@ -175,10 +201,11 @@ class NodeApi:
             return None
         from PIL import Image
 
-        from edge_node.preprocess import PreprocessParams, prepare
+        from edge_node.preprocess import DecodeLimits, PreprocessParams, prepare
 
         key = model_key(model, self.node.config.preprocess)
-        params = PreprocessParams(key[0], key[1], key[2], ("*",))
+        limits = DecodeLimits.from_config(self.node.config.preprocess)
+        params = PreprocessParams(key[0], key[1], key[2], ("*",), limits=limits)
         try:
             frames = prepare(Path(row["path"]), params).frames
         except (InputError, OSError):
@@ -197,16 +224,11 @@ class NodeApi:
     # -- writes ------------------------------------------------------------------------------
 
     async def predict(self, request: Request) -> Response:
-        body = await request.body()
-        if not body:
-            return _error(400, "send the DICOM file as the request body")
-        if len(body) > MAX_UPLOAD:
-            return _error(413, f"upload larger than {MAX_UPLOAD} bytes")
         if self.node.holder.current() is None:
             return _error(503, "no model loaded yet")
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        path = self.uploads / f"{uuid.uuid4().hex}.dcm"
-        path.write_bytes(body)
+        path = await self._receive_upload(request)
+        if path is None:
+            return _error(400, "send the DICOM file as the request body")
         try:
             outcome = await run_in_threadpool(self.node.pipeline.process_now, path)
         except NodeError as exc:
@@ -224,16 +246,39 @@ class NodeApi:
             {"outcome": "predicted", "predictions": [_with_thumb(r) for r in outcome.predictions]}
         )
 
+    async def _receive_upload(self, request: Request) -> Path | None:
+        """Stream the body into ``uploads/`` (0600), never whole in memory; None when empty.
+        Past ``max_upload`` the partial file is removed and BodyTooLarge gives the 413."""
+        self.uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.uploads / f"{uuid.uuid4().hex}.dcm"
+        size = 0
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_upload:
+                        raise BodyTooLarge(self.max_upload)
+                    f.write(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if size == 0:
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
     async def label(self, request: Request) -> Response:
         try:
-            data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = parse_json(await request.body())
+        except BadJson:
             return _error(400, "body must be JSON {sop_instance_uid, label, who}")
         if not isinstance(data, dict) or not all(
             isinstance(data.get(k), str) and data.get(k) for k in ("sop_instance_uid", "label")
         ):
             return _error(400, "sop_instance_uid and label (strings) are required")
         who = data.get("who") or "api"
+        if not isinstance(who, str):
+            return _error(400, "who must be a string")
         try:
             from edge_node.labels import LabelBook
         except ImportError:

@@ -53,12 +53,18 @@ class PreprocessConfig:
     window_width: float = 1500.0  # lung window width (HU)
     size: int = 224  # model input side
     modalities: tuple[str, ...] = ("CT",)  # allow-list; anything else is skipped with a reason
+    # -- bounds on one input file (DICOM bombs); over a bound = quarantined, reason limit:* --
+    max_frames: int = 1024  # frames per file (NumberOfFrames); one prediction row per frame
+    max_pixels: int = 1 << 27  # stored pixels per file (frames x rows x cols x samples)
+    max_dataset_mb: int = 288  # largest file read, and largest a deflated dataset inflates to
 
     def __post_init__(self) -> None:
         if self.window_width <= 0:
             raise ConfigError("preprocess: window_width must be > 0")
         if self.size < 16:
             raise ConfigError("preprocess: size must be >= 16")
+        if self.max_frames < 1 or self.max_pixels < 1 or self.max_dataset_mb < 1:
+            raise ConfigError("preprocess: max_frames, max_pixels, max_dataset_mb must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,37 @@ class ApiConfig:
     host: str = "127.0.0.1"  # localhost only unless a token is set
     port: int = 8765  # 0 = pick a free port (written to state_dir/api.port)
     token: str | None = None  # required when host is not a loopback address
+    # Host header values accepted besides host, 127.0.0.1, localhost, [::1] (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
+    max_upload_mb: int = 288  # POST /api/predict body bound (streamed to disk, 413 beyond)
 
     def __post_init__(self) -> None:
         loopback = self.host in ("127.0.0.1", "::1", "localhost")
         if not loopback and not self.token:
             raise ConfigError(f"api: binding to {self.host} requires api.token")
+        if self.max_upload_mb < 1:
+            raise ConfigError("api: max_upload_mb must be >= 1")
+        for name in self.allowed_hosts:
+            if not isinstance(name, str) or not name or any(c in name for c in "/@ \t"):
+                raise ConfigError(f"api: allowed_hosts entry {name!r} is not a host name")
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """[retention]: how long copies of patient data the node made itself are kept (the inbox,
+    the database and labels are not swept). 0 = keep forever."""
+
+    uploads_days: float = 7.0  # state_dir/uploads: DICOM files posted to /api/predict
+    thumbnails_days: float = 7.0  # state_dir/thumbnails: cached PNGs (rebuilt on demand)
+    quarantine_days: float = 30.0  # quarantine_dir: refused files and their .reason.json
+    sweep_interval_s: float = 3600.0  # how often the daemon sweeps (and once at start)
+
+    def __post_init__(self) -> None:
+        days = (self.uploads_days, self.thumbnails_days, self.quarantine_days)
+        if not all(isinstance(d, int | float) and math.isfinite(d) and d >= 0 for d in days):
+            raise ConfigError("retention: *_days must be numbers >= 0 (0 = keep forever)")
+        if not self.sweep_interval_s > 0:
+            raise ConfigError("retention: sweep_interval_s must be > 0")
 
 
 @dataclass(frozen=True)

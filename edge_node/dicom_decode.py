@@ -17,6 +17,17 @@ Reason codes (``exc.reason``), stable and greppable:
                                        a JPEG Lossless / JPEG-LS frame header (SOF) disagrees
                                        with the DICOM header, or has none (see check_jpeg_frames)
     SkippedInput      no_pixel_data    a valid object without an image (SR, presentation state...)
+    NotDicomError     limit:file_size  the file is larger than DecodeLimits.max_dataset_bytes
+                      limit:inflated   a deflated dataset (or one deflated frame) inflates past its
+                                       bound: the dataset past max_dataset_bytes, a frame past
+                                       the size its header gives
+    PixelDecodeError  limit:frames     NumberOfFrames above DecodeLimits.max_frames
+                      limit:pixels     frames x rows x columns x samples above max_pixels
+
+DICOM bombs: every bound is checked before the memory is spent. The file size before it is
+read; a Deflated Explicit VR Little Endian dataset is inflated here with a cap before pydicom
+parses it (pydicom would inflate it whole); deflated frames inflate with a cap of their header
+size; frames and pixels are counted from the header before any decoder runs.
 
 Messages never carry patient identifiers or paths: the caller knows the path.
 
@@ -40,9 +51,12 @@ from typing import TypeVar
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_fragmented_frames, generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset as pydicom_read_dataset
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
     UID,
@@ -84,6 +98,33 @@ _DECODE_ERRORS = (*_PARSE_ERRORS, RuntimeError, MemoryError, StopIteration)
 Source = str | Path | bytes
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one file may make the node read, inflate and decode (defaults: PreprocessConfig)."""
+
+    max_frames: int = 1024  # NumberOfFrames; each frame becomes a prediction row
+    max_pixels: int = 1 << 27  # frames x rows x columns x samples (512 frames of 512 x 512)
+    max_dataset_bytes: int = 288 << 20  # file size, and inflated size of a deflated dataset
+
+    def __post_init__(self) -> None:
+        if min(self.max_frames, self.max_pixels, self.max_dataset_bytes) < 1:
+            raise ValueError("DecodeLimits: every bound must be >= 1")
+
+    @classmethod
+    def from_config(cls, cfg: object) -> DecodeLimits:
+        """From ``edge_node.config.PreprocessConfig`` (max_frames, max_pixels, max_dataset_mb)."""
+        d = cls()
+        mb = getattr(cfg, "max_dataset_mb", None)
+        return cls(
+            max_frames=int(getattr(cfg, "max_frames", d.max_frames)),
+            max_pixels=int(getattr(cfg, "max_pixels", d.max_pixels)),
+            max_dataset_bytes=int(mb) << 20 if mb is not None else d.max_dataset_bytes,
+        )
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
 def input_error(cls: type[E], reason: str, message: str) -> E:
     """An InputError subclass instance carrying its own short ``reason`` code."""
     exc = cls(message)
@@ -91,15 +132,26 @@ def input_error(cls: type[E], reason: str, message: str) -> E:
     return exc
 
 
-def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset:
+def read_dataset(
+    source: Source, *, stop_before_pixels: bool = False, limits: DecodeLimits = DEFAULT_LIMITS
+) -> Dataset:
     """Parse a whole DICOM file (path or bytes) and check that it is complete.
 
     Files without the 128-byte preamble are accepted only when a forced parse yields a dataset
     with a numeric SOP Class UID (old ACR-NEMA style or raw datasets do exist in PACS exports);
     random bytes never do. OSError while reading the file itself (vanished, no permission)
-    propagates: that is not a property of the content.
+    propagates: that is not a property of the content. A file over ``limits.max_dataset_bytes``
+    is refused unread; a deflated dataset is inflated with that cap (see `inflate`).
     """
+    cap = limits.max_dataset_bytes
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+    if size > cap:
+        raise input_error(NotDicomError, "limit:file_size", f"file of {size} bytes > {cap}")
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    deflated = _split_deflated(data)
+    if deflated is not None:
+        ds = _read_deflated(data, *deflated, stop_before_pixels, cap)
+        return _finish_read(ds)
     try:
         ds: Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
@@ -112,6 +164,10 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
         raise input_error(NotDicomError, "not_dicom", f"cannot parse: {_short(exc)}") from exc
     else:
         _check_complete(ds, len(data), stop_before_pixels)
+    return _finish_read(ds)
+
+
+def _finish_read(ds: Dataset) -> Dataset:
     _parse_fully(ds)
     if not _valid_uid(ds.get("SOPInstanceUID")):
         meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
@@ -122,14 +178,77 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
     return ds
 
 
-def _check_complete(ds: Dataset, size: int, stop_before_pixels: bool) -> None:
+def inflate(data: bytes, max_bytes: int, what: str) -> bytes:
+    """Raw deflate of ``data``, refused (NotDicomError "limit:inflated") as soon as the output
+    would pass ``max_bytes``: the memory spent is bounded by the cap, not by the data."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise input_error(NotDicomError, "not_dicom", f"{what}: {_short(exc)}") from exc
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise input_error(
+            NotDicomError, "limit:inflated", f"{what} inflates past {max_bytes} bytes"
+        )
+    if not d.eof:
+        raise input_error(NotDicomError, "truncated", f"{what}: deflate stream cut off")
+    return out
+
+
+def _split_deflated(data: bytes) -> tuple[bytes | None, FileMetaDataset, int] | None:
+    """(preamble, file meta, offset of the dataset) when the file meta names Deflated Explicit
+    VR Little Endian; None otherwise (pydicom then reads the file as usual)."""
+    fp = DicomBytesIO(data)
+    try:
+        preamble = read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        ts = str(meta.get("TransferSyntaxUID") or "")
+    except (*_PARSE_ERRORS, OSError):
+        return None
+    if ts != str(DeflatedExplicitVRLittleEndian):
+        return None
+    return preamble, meta, fp.tell()
+
+
+def _read_deflated(
+    data: bytes,
+    preamble: bytes | None,
+    meta: FileMetaDataset,
+    offset: int,
+    stop_before_pixels: bool,
+    cap: int,
+) -> Dataset:
+    """What pydicom's dcmread does for a deflated dataset, with the inflation capped."""
+    inflated = inflate(data[offset:], cap, "deflated dataset")
+
+    def at_pixels(tag: object, _vr: object, _length: int) -> bool:
+        return stop_before_pixels and tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
+
+    try:
+        dataset = pydicom_read_dataset(DicomBytesIO(inflated), False, True, stop_when=at_pixels)
+    except (EOFError, OSError, struct.error, BytesLengthException) as exc:
+        raise input_error(NotDicomError, "truncated", f"cut off: {_short(exc)}") from exc
+    except _PARSE_ERRORS as exc:
+        raise input_error(NotDicomError, "not_dicom", f"cannot parse: {_short(exc)}") from exc
+    ds = FileDataset(io.BytesIO(), dataset, preamble, meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    if preamble is None and not _UID_RE.match(str(ds.get("SOPClassUID") or "")):
+        raise input_error(NotDicomError, "not_dicom", "no DICOM preamble and no SOP Class UID")
+    _check_complete(ds, len(inflated), stop_before_pixels, inflated=True)
+    return ds
+
+
+def _check_complete(
+    ds: Dataset, size: int, stop_before_pixels: bool, *, inflated: bool = False
+) -> None:
     """pydicom stops quietly when the bytes run out: an element whose value ends past the end
     of the file, or a few bytes left over that cannot hold an element header, mean a cut file
-    (the last top-level element is checked; nested ones are covered by parsing them)."""
+    (the last top-level element is checked; nested ones are covered by parsing them).
+    ``inflated``: ``size`` and the offsets refer to the inflated stream of a deflated file."""
     if len(ds) == 0:
         raise input_error(NotDicomError, "truncated", "file meta present but dataset cut off")
     try:
-        if transfer_syntax(ds) == str(DeflatedExplicitVRLittleEndian):
+        if not inflated and transfer_syntax(ds) == str(DeflatedExplicitVRLittleEndian):
             return  # offsets refer to the inflated stream
         last = ds.get_item(max(ds.keys()))
     except _PARSE_ERRORS as exc:  # a corrupt raw element (unknown VR...) converted here
@@ -222,12 +341,32 @@ def number_of_frames(ds: Dataset) -> int:
         return 1
 
 
-def decode_pixels(ds: Dataset) -> np.ndarray:
+def check_image_size(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Refuse (PixelDecodeError "limit:frames" / "limit:pixels") before decoding an image whose
+    header asks for more frames or pixels than ``limits`` allow. Unreadable geometry is left
+    to the decoding checks that follow."""
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        pixels = frames * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+    except (*_PARSE_ERRORS, AttributeError):
+        return
+    if frames > limits.max_frames:
+        raise input_error(
+            PixelDecodeError, "limit:frames", f"{frames} frames > max_frames {limits.max_frames}"
+        )
+    if pixels > limits.max_pixels:
+        raise input_error(
+            PixelDecodeError, "limit:pixels", f"{pixels} pixels > max_pixels {limits.max_pixels}"
+        )
+
+
+def decode_pixels(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Stored pixel values, shape ``(frames, rows, cols)`` or ``(frames, rows, cols, 3)``.
 
     Native byte order; YBR colour spaces converted to RGB; nothing rescaled. Raises
     NotDicomError("truncated") when the pixel data is shorter than the header says,
-    PixelDecodeError when a decoder fails, SkippedInput("no_pixel_data") for image-less objects.
+    PixelDecodeError when a decoder fails or the image is over ``limits`` (checked first),
+    SkippedInput("no_pixel_data") for image-less objects.
     """
     if not has_pixels(ds):
         if ("Rows" in ds and "Columns" in ds) or is_image_sop_class(ds):
@@ -235,6 +374,7 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
             # stops quietly at EOF inside the header: an image object without pixels was cut.
             raise input_error(NotDicomError, "truncated", "image object without pixel data")
         raise input_error(SkippedInput, "no_pixel_data", "object carries no image")
+    check_image_size(ds, limits)
     ts = transfer_syntax(ds)
     if ts == DEFLATED_IMAGE_FRAME:
         _inflate_frames(ds)
@@ -422,12 +562,25 @@ def _check_native_length(ds: Dataset) -> None:
 
 
 def _inflate_frames(ds: Dataset) -> None:
-    """Deflated Image Frame Compression: each fragment-frame is raw deflate of native bytes."""
+    """Deflated Image Frame Compression: each fragment-frame is raw deflate of native bytes,
+    inflated with a cap of the frame size its header gives (a frame bomb stops there)."""
     n = number_of_frames(ds)
     try:
+        bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+        frame_bytes = (bits * int(ds.BitsAllocated) + 7) // 8
+    except (*_PARSE_ERRORS, AttributeError) as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"image geometry missing: {_short(exc)}"
+        ) from exc
+    try:
         frames = [
-            zlib.decompress(f, -15) for f in generate_frames(ds.PixelData, number_of_frames=n)
+            inflate(f, frame_bytes, "deflated frame")
+            for f in generate_frames(ds.PixelData, number_of_frames=n)
         ]
+    except NotDicomError as exc:
+        if exc.reason == "limit:inflated":
+            raise
+        raise input_error(PixelDecodeError, "pixel_decode", f"deflate: {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise input_error(PixelDecodeError, "pixel_decode", f"deflate: {_short(exc)}") from exc
     ds.PixelData = b"".join(frames)

@@ -63,10 +63,26 @@ CREATE INDEX IF NOT EXISTS label_history_uid ON label_history(sop_instance_uid);
 """
 
 _ALIASES = {"covid": "covid", "non_covid": "non_covid", "noncovid": "non_covid"}
+# Field bounds: every way in (API, CSV, CLI) is refused past them, so a label row stays small.
+MAX_UID_CHARS = 128  # what the watcher accepts as a SOPInstanceUID (DICOM says 64)
+MAX_WHO_CHARS = 64  # author: a user name or "dr_a", not a document
+MAX_LABEL_CHARS = 32
+
+
+def check_text(name: str, value: object, max_chars: int) -> str:
+    """``value`` as a non-empty printable string of at most ``max_chars`` (LabelError)."""
+    if not isinstance(value, str):
+        raise LabelError(f"{name} must be a string")
+    if not value or len(value) > max_chars:
+        raise LabelError(f"{name} must be 1-{max_chars} characters")
+    if not value.isprintable():
+        raise LabelError(f"{name} must not contain control characters")
+    return value
 
 
 def normalize_label(value: str) -> str:
     """``covid`` or ``non_covid`` (case, ``-`` and spaces tolerated); anything else LabelError."""
+    check_text("label", value, MAX_LABEL_CHARS)
     key = str(value).strip().lower().replace("-", "_").replace(" ", "_")
     if key not in _ALIASES:
         raise LabelError(f"unknown label {value!r}: use one of {list(LABELS)}")
@@ -209,6 +225,8 @@ class LabelBook:
             raise LabelError("a label needs a SOPInstanceUID")
         if not who:
             raise LabelError("a label needs an author (who)")
+        check_text("sop_instance_uid", sop_instance_uid, MAX_UID_CHARS)
+        check_text("who", who, MAX_WHO_CHARS)
         current = self.get(sop_instance_uid)
         path_s = str(path) if path is not None else None
         if path_s is None:

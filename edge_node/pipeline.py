@@ -194,13 +194,14 @@ class Pipeline:
     def _params(self, key: tuple[float, float, int, str]) -> Any:
         p = self._params_cache.get(key)
         if p is None:
-            from edge_node.preprocess import PreprocessParams
+            from edge_node.preprocess import DecodeLimits, PreprocessParams
 
             p = PreprocessParams(
                 window_center=key[0],
                 window_width=key[1],
                 size=key[2],
                 modalities=tuple(self.preprocess_config.modalities),
+                limits=DecodeLimits.from_config(self.preprocess_config),  # DICOM bomb bounds
             )
             self._params_cache[key] = p
         return p

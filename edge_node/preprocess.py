@@ -38,6 +38,8 @@ from pydicom.dataset import Dataset
 
 from edge_node.dicom_decode import (
     _PARSE_ERRORS,
+    DEFAULT_LIMITS,
+    DecodeLimits,
     Source,
     decode_pixels,
     input_error,
@@ -58,6 +60,7 @@ from edge_node.hu import (
 )
 
 __all__ = [
+    "DecodeLimits",
     "PreparedFile",
     "PreprocessParams",
     "SliceMeta",
@@ -82,6 +85,7 @@ class PreprocessParams:
     window_width: float = 1500.0  # lung window width (HU)
     size: int = 224  # output side (model input)
     modalities: tuple[str, ...] = ("CT",)  # allow-list; "*" accepts any modality
+    limits: DecodeLimits = DEFAULT_LIMITS  # DICOM bomb bounds (frames, pixels, dataset bytes)
 
     def __post_init__(self) -> None:
         if not self.window_width > 0:
@@ -101,6 +105,7 @@ class PreprocessParams:
             window_width=float(cfg.window_width),
             size=int(cfg.size),
             modalities=tuple(cfg.modalities),
+            limits=DecodeLimits.from_config(cfg),
         )
 
     def accepts(self, modality: str) -> bool:
@@ -176,9 +181,9 @@ def read_meta(path: Source) -> SliceMeta:
     return slice_meta(read_dataset(path, stop_before_pixels=True))
 
 
-def load(source: Source) -> Dataset:
-    """Full parse with completeness checks (NotDicomError otherwise)."""
-    return read_dataset(source)
+def load(source: Source, limits: DecodeLimits = DEFAULT_LIMITS) -> Dataset:
+    """Full parse with completeness checks (NotDicomError otherwise) within ``limits``."""
+    return read_dataset(source, limits=limits)
 
 
 def check_usable(ds: Dataset, meta: SliceMeta, params: PreprocessParams) -> None:
@@ -218,7 +223,7 @@ def prepare_dataset(ds: Dataset, params: PreprocessParams) -> PreparedFile:
     t0 = time.perf_counter()
     meta = slice_meta(ds)
     check_usable(ds, meta, params)
-    pixels = decode_pixels(ds)
+    pixels = decode_pixels(ds, params.limits)
     if meta.pipeline == "hu":
         images = windowed(ds, pixels, params.window_center, params.window_width)
     else:
@@ -230,9 +235,10 @@ def prepare_dataset(ds: Dataset, params: PreprocessParams) -> PreparedFile:
 def prepare(source: Source, params: PreprocessParams | None = None) -> PreparedFile:
     """Read, check and preprocess every frame of one file (path or bytes)."""
     t0 = time.perf_counter()
-    ds = load(source)
+    params = params or PreprocessParams()
+    ds = load(source, params.limits)
     read_ms = (time.perf_counter() - t0) * 1000.0
-    prepared = prepare_dataset(ds, params or PreprocessParams())
+    prepared = prepare_dataset(ds, params)
     return PreparedFile(
         prepared.meta, prepared.frames, read_ms=read_ms, preprocess_ms=prepared.preprocess_ms
     )

@@ -46,12 +46,13 @@ def client(node: Daemon) -> Iterator[httpx.Client]:
         yield c
 
 
+DICOM = {"Content-Type": "application/dicom"}  # the upload's media type (api_guard)
+
+
 def _upload(client: httpx.Client, tmp: Path) -> tuple[str, dict[str, Any]]:
     f = tmp / "up.dcm"
     uid = copy_with_new_uid(sample_path("693_UNCR.dcm"), f)
-    r = client.post(
-        "/api/predict", content=f.read_bytes(), headers={"Content-Type": "application/dicom"}
-    )
+    r = client.post("/api/predict", content=f.read_bytes(), headers=DICOM)
     assert r.status_code == 200, r.text
     return uid, r.json()
 
@@ -76,15 +77,18 @@ def test_upload_predicts_stores_and_lists(client: httpx.Client, tmp_path: Path) 
     )
     assert client.get("/api/predictions/999").status_code == 404
     assert client.get("/api/predictions", params={"limit": "x"}).status_code == 400
-    again = client.post("/api/predict", content=(tmp_path / "up.dcm").read_bytes()).json()
+    again = client.post(
+        "/api/predict", content=(tmp_path / "up.dcm").read_bytes(), headers=DICOM
+    ).json()
     assert again["outcome"] == "duplicate"  # same SOP instance: its stored prediction
     assert [p["id"] for p in again["predictions"]] == [pred["id"]]
     assert len(client.get("/api/predictions").json()["predictions"]) == 1
 
 
 def test_upload_refusals(client: httpx.Client, tmp_path: Path) -> None:
-    assert client.post("/api/predict", content=b"").status_code == 400
-    r = client.post("/api/predict", content=write_garbage(tmp_path / "g.dcm").read_bytes())
+    assert client.post("/api/predict", content=b"", headers=DICOM).status_code == 400
+    garbage = write_garbage(tmp_path / "g.dcm").read_bytes()
+    r = client.post("/api/predict", content=garbage, headers=DICOM)
     assert r.status_code == 422 and "not_dicom" in r.json()["error"]
     assert client.get("/api/predictions").json()["predictions"] == []
 
@@ -114,7 +118,8 @@ def test_labels_are_recorded_through_the_label_book(client: httpx.Client, tmp_pa
     assert bad.status_code == 400
     unknown = client.post("/api/labels", json={"sop_instance_uid": "1.2.3.4", "label": "covid"})
     assert unknown.status_code == 400 and "unknown slice" in unknown.json()["error"]
-    assert client.post("/api/labels", content=b"{not json").status_code == 400
+    json_type = {"Content-Type": "application/json"}
+    assert client.post("/api/labels", content=b"{not json", headers=json_type).status_code == 400
 
 
 def test_metrics_in_prometheus_text(client: httpx.Client, tmp_path: Path) -> None:
@@ -167,11 +172,14 @@ def test_token_is_required_when_set(tmp_path: Path) -> None:
             assert anon.get("/", params={"token": "wrong"}).status_code == 401
             assert anon.get("/", params={"token": "s3cret"}).status_code == 200
             assert (
-                anon.post("/api/predict", params={"token": "s3cret"}, content=b"x").status_code
+                anon.post(
+                    "/api/predict", params={"token": "s3cret"}, content=b"x", headers=DICOM
+                ).status_code
                 == 401
             )
         with _client(d, headers={"Authorization": "Bearer s3cret"}) as c:
             assert c.get("/api/predictions").status_code == 200
-            assert c.post("/api/predict", content=b"").status_code == 400  # past the auth check
+            empty = c.post("/api/predict", content=b"", headers=DICOM)
+            assert empty.status_code == 400  # past the auth check
     finally:
         d.shutdown(10)
