@@ -7,7 +7,9 @@
     POST /api/predict                 body = one DICOM file; predicts, stores, returns rows
     POST /api/labels                  {sop_instance_uid, label, who} -> edge_node.labels
     GET  /metrics                     Prometheus text
-    GET  /                            page: recent predictions, thumbnails, label buttons
+    GET  /slices                      page: recent slices, thumbnails, label buttons
+    GET  /, /api/studies, /api/series/{uid}, /api/images/{id}.png, /api/model,
+    POST /api/series/{uid}/label      the studies page and its routes (edge_node.browse_api)
 
 Bound to 127.0.0.1 by default; when ``api.token`` is set every route but /health needs
 ``Authorization: Bearer <token>`` (or ``?token=`` on GET, so the page and its images work in
@@ -49,6 +51,7 @@ from edge_node.api_guard import (
     allowed_host_names,
     parse_json,
 )
+from edge_node.browse_api import BrowseRoutes
 from edge_node.errors import InputError, LabelError, NodeError
 from edge_node.metrics import render_metrics
 from edge_node.model_refusal import refusal_json, render_refusals
@@ -88,7 +91,7 @@ class NodeApi:
         self.thumbs = node.config.paths.state_dir / "thumbnails"
         self.uploads = node.config.paths.state_dir / "uploads"
         self.max_upload = int(node.config.api.max_upload_mb) << 20
-        self._page = string.Template((STATIC / "index.html").read_text())
+        self._page = string.Template((STATIC / "slices.html").read_text())
 
     def app(self) -> Starlette:
         a = self._auth
@@ -100,8 +103,9 @@ class NodeApi:
             Route("/api/predict", a(self.predict), methods=["POST"]),
             Route("/api/labels", a(self.label), methods=["POST"]),
             Route("/metrics", a(self.metrics)),
-            Route("/", a(self.page)),
+            Route("/slices", a(self.page)),
             Route("/static/{name:str}", a(self.static)),
+            *BrowseRoutes(self.node).routes(a),  # "/" (studies page) and its /api routes
         ]
         cfg = self.node.config.api
         guard = Middleware(
@@ -349,7 +353,8 @@ class NodeApi:
 
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]
-        types = {"app.js": "text/javascript", "style.css": "text/css"}
+        js = "text/javascript"
+        types = {"app.js": js, "slices.js": js, "style.css": "text/css"}
         if name not in types:
             return _error(404, "not found")
         return Response((STATIC / name).read_bytes(), media_type=types[name])

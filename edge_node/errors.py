@@ -1,20 +1,25 @@
 """Errors of the edge node daemon.
 
     NodeError                   exit 1
-    ├── ConfigError             exit 2   node.toml missing, unreadable or invalid
-    ├── InputError              exit 0*  one input file cannot be used (quarantined, never fatal)
+    ├── ConfigError             exit 2   node.toml missing, unreadable or invalid; inbox missing;
+    │                                    state dir in use by another node (pid named)
+    ├── InputError              exit 9*  one input file cannot be used (quarantined, never fatal)
     │   ├── NotDicomError                not a DICOM file / cannot be parsed
     │   ├── PixelDecodeError             pixel data missing or undecodable
     │   └── SkippedInput                 valid DICOM we do not predict on (modality, SEG, ...)
     ├── ModelError              exit 3   the ONNX model cannot be loaded or has wrong metadata
     ├── StoreError              exit 4   the SQLite state cannot be opened / written
     ├── LabelError              exit 5   a label cannot be recorded (unknown class, unknown slice)
-    └── TrainingError           exit 6   local training cannot run (no labels, missing extra)
+    └── TrainingError           exit 6   local training cannot run (no labels, worker failed)
 
-* InputError never reaches the CLI from the daemon; `fedscan predict` reports it per file.
+* InputError never reaches the CLI from the daemon; `fedscan predict` reports it per file and
+  exits 9 when any input failed. A missing `train` extra is exit 8 (fedscan.errors). The one
+  table of exit codes is fedscan.errors.EXIT_CODES (README "Exit codes").
 """
 
 from __future__ import annotations
+
+SOME_INPUTS_FAILED = 9  # exit code: every input handled, some not usable (README "Exit codes")
 
 
 class NodeError(Exception):

@@ -138,15 +138,17 @@ def test_metrics_in_prometheus_text(client: httpx.Client, tmp_path: Path) -> Non
 
 
 def test_page_lists_predictions_with_label_buttons(client: httpx.Client, tmp_path: Path) -> None:
+    """The all-slices page (/slices, linked from the studies page) lists every slice."""
     uid, body = _upload(client, tmp_path)
-    page = client.get("/").text
+    page = client.get("/slices").text
     assert f'data-uid="{uid}"' in page
     assert page.count('class="label covid"') == 1 and 'data-label="non_covid"' in page
     assert f"/api/thumbnails/{body['predictions'][0]['id']}.png" in page
     assert '<strong id="model">5</strong>' in page
     assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/slices.js").status_code == 200
     assert client.get("/static/../api.py").status_code == 404
-    fragment = client.get("/", params={"fragment": "rows"}).text
+    fragment = client.get("/slices", params={"fragment": "rows"}).text
     assert fragment.startswith("<tr") and uid in fragment
 
 

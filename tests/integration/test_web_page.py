@@ -1,4 +1,5 @@
-"""The node's web page in headless Chromium, against a real `fedscan node run` process."""
+"""The node's all-slices page (/slices) in headless Chromium, against a real `fedscan node run`
+process (the studies page at / is tested in test_page_studies.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_page_lists_predictions_with_thumbnails(node: NodeProcess, tmp_path: Pat
         for i, name in enumerate(("693_UNCR.dcm", "693_J2KR.dcm", "eCT_Supplemental.dcm"))
     ]
     wait_for(lambda: node.n_predictions() >= 4, what="4 predictions")
-    url = f"http://127.0.0.1:{node.port}/"
+    url = f"http://127.0.0.1:{node.port}/slices"
     dom = _chromium(url, tmp_path, "--dump-dom")
     for uid in uids:
         assert f'data-uid="{uid}"' in dom
