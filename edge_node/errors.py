@@ -10,6 +10,7 @@
     ├── ModelError              exit 3   the ONNX model cannot be loaded or has wrong metadata
     ├── StoreError              exit 4   the SQLite state cannot be opened / written
     ├── LabelError              exit 5   a label cannot be recorded (unknown class, unknown slice)
+    ├── QueryError              exit 1   a page/API query parameter is out of bounds (HTTP 400)
     └── TrainingError           exit 6   local training cannot run (no labels, worker failed)
 
 * InputError never reaches the CLI from the daemon; `fedscan predict` reports it per file and
@@ -59,6 +60,10 @@ class StoreError(NodeError):
 
 class LabelError(NodeError):
     exit_code = 5
+
+
+class QueryError(NodeError):
+    """A page/API query (filter, window, UID) is malformed or out of bounds."""
 
 
 class TrainingError(NodeError):
