@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from coordinator.errors import ConfigError
+from fl_protocol.config_types import kind_of, type_problem
 
 T = TypeVar("T")
 
@@ -226,6 +227,9 @@ def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         ftype = str(known[name].type)
+        problem = type_problem(ftype, value)  # rounds = "three" -> "... must be an integer"
+        if problem is not None:
+            raise ConfigError(f"[{section}] {name} {problem} (got {kind_of(value)})")
         if "Path" in ftype and value not in (None, ""):
             value = _resolve(value, base)
         elif "Path" in ftype or (name == "url" and value == ""):
@@ -250,6 +254,11 @@ def config_from_dict(
     for name in _SECTIONS:
         if name in raw and not isinstance(raw[name], dict):
             raise ConfigError(f"[{name}] must be a table")
+    top_types = {f.name: str(f.type) for f in dataclasses.fields(CoordinatorConfig)}
+    for key in _TOP_LEVEL:
+        problem = type_problem(top_types.get(key, "Any"), raw.get(key))
+        if key in raw and problem is not None:
+            raise ConfigError(f"{key} {problem} (got {kind_of(raw[key])})")
     if "state_dir" not in raw:
         raise ConfigError("state_dir is required at the top of coordinator.toml")
     top: dict[str, Any] = {"state_dir": _resolve(raw["state_dir"], base)}

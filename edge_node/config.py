@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_node.errors import ConfigError
+from fl_protocol.config_types import kind_of, type_problem
 
 T = TypeVar("T")
 
@@ -324,6 +325,9 @@ def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         ftype = str(known[name].type)
+        problem = type_problem(ftype, value)  # port = "eighty" -> "[api] port must be an integer"
+        if problem is not None:
+            raise ConfigError(f"[{section}] {name} {problem} (got {kind_of(value)})")
         if "Path" in ftype and value is not None:
             p = Path(str(value)).expanduser()
             value = p if p.is_absolute() else (base / p)
