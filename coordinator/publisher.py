@@ -7,6 +7,11 @@ a node that connects later (or returns after a round offline) gets the latest mo
 broker without the coordinator doing anything. Chunks of versions older than the previous one
 are retired: an empty retained payload clears each retained message (MQTT 3.1.1, 3.3.1.3).
 Publishing is idempotent, so a restarted coordinator simply publishes again.
+
+With an ``OnnxSource`` (``coordinator.onnx_artifact.OnnxArtifacts``), the version's
+parity-checked ONNX export goes out the same way on ``fl/F/global/V/onnx/i`` before the
+manifest, which then describes it in ``onnx`` (schema version 2, covered by the signature);
+retiring a version clears those chunks too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from coordinator.state import State
@@ -28,6 +34,14 @@ class Sender(Protocol):
     """The part of ``fl_protocol.transport.Transport`` the coordinator publishes with."""
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+
+
+class OnnxSource(Protocol):
+    """Where the ONNX export of a global version comes from (``OnnxArtifacts``)."""
+
+    def path(self, version: int) -> Path: ...
+
+    def ensure(self, version: int) -> Path | None: ...
 
 
 class ManifestSigner(Protocol):
@@ -51,6 +65,7 @@ class Publisher:
         model: ModelIdentity,
         signer: ManifestSigner | None = None,
         chunk_size: int = 1024 * 1024,
+        onnx: OnnxSource | None = None,
     ) -> None:
         self.sender = sender
         self.federation = federation
@@ -58,7 +73,9 @@ class Publisher:
         self.model = model
         self.signer = signer
         self.chunk_size = chunk_size
+        self.onnx = onnx
         self._payloads: dict[int, PayloadManifest] = {}  # versions whose chunks went out
+        self._onnx_payloads: dict[int, PayloadManifest | None] = {}  # their ONNX, if any
 
     def publish_chunks(self, version: int) -> PayloadManifest:
         """Publish version ``version``'s chunks retained (once per process) and describe them."""
@@ -79,6 +96,25 @@ class Publisher:
             payload.total_size,
             payload.num_chunks,
         )
+        self._onnx_payloads[version] = self._publish_onnx(version)
+        return payload
+
+    def _publish_onnx(self, version: int) -> PayloadManifest | None:
+        """Publish the version's ONNX export retained (when there is one) and describe it."""
+        path = self.onnx.ensure(version) if self.onnx is not None else None
+        if path is None:
+            return None
+        payload, chunks = split(path.read_bytes(), self.chunk_size)
+        for i, chunk in enumerate(chunks):
+            self.sender.publish(
+                topics.global_onnx_chunk(self.federation, version, i), chunk, qos=1, retain=True
+            )
+        log.info(
+            "published global v%d ONNX: %d bytes in %d chunks",
+            version,
+            payload.total_size,
+            payload.num_chunks,
+        )
         return payload
 
     def publish_manifest(self, version: int, round_config: RoundConfig | None) -> GlobalManifest:
@@ -92,6 +128,7 @@ class Publisher:
             payload=payload,
             round=round_config,
             created_at=time.time(),
+            onnx=self._onnx_payloads.get(version),
         )
         if self.signer is not None:
             manifest = self.signer(manifest)
@@ -118,8 +155,24 @@ class Publisher:
                 self.sender.publish(
                     topics.global_chunk(self.federation, row.version, i), b"", qos=1, retain=True
                 )
+            onnx_chunks = self._retire_onnx(row.version)
             self.state.mark_retired(row.version)
             self._payloads.pop(row.version, None)
+            self._onnx_payloads.pop(row.version, None)
             retired.append(row.version)
-            log.info("retired global v%d (%d retained chunks cleared)", row.version, num_chunks)
+            log.info("retired global v%d (%d retained chunks cleared, %d ONNX)",
+                     row.version, num_chunks, onnx_chunks)  # fmt: skip
         return retired
+
+    def _retire_onnx(self, version: int) -> int:
+        """Clear the retained ONNX chunks of ``version``; returns how many there were."""
+        if self.onnx is None:
+            return 0
+        path = self.onnx.path(version)
+        size = path.stat().st_size if path.exists() else 0
+        num_chunks = -(-size // self.chunk_size)
+        for i in range(num_chunks):
+            self.sender.publish(
+                topics.global_onnx_chunk(self.federation, version, i), b"", qos=1, retain=True
+            )
+        return num_chunks

@@ -23,6 +23,7 @@ from typing import Any
 from coordinator.aggregate import Hook
 from coordinator.config import CoordinatorConfig, RoundsConfig
 from coordinator.model_init import ModelSource, ensure_initial_version, torch_model_source
+from coordinator.onnx_artifact import OnnxArtifacts, OnnxExporter, torch_onnx_exporter
 from coordinator.publisher import ManifestSigner, ModelIdentity, Publisher
 from coordinator.receiver import Receiver
 from coordinator.reports import store_eval_report
@@ -107,19 +108,31 @@ class CoordinatorService:
         model_source: ModelSource = torch_model_source,
         clock: Callable[[], float] = time.time,
         hook: Hook | None = None,
+        onnx_exporter: OnnxExporter | None = None,
     ) -> None:
+        """``onnx_exporter``: makes the ONNX file published beside each version's weights
+        (``run_from_config`` passes the torch one; None publishes weights only)."""
         self.cfg = cfg
         self.transport = transport
         self.clock = clock
         self.state = State(cfg.state_dir)
         self.model = ensure_initial_version(self.state, cfg.model, model_source)
         self.strategy = build_strategy(cfg.rounds)
+        onnx = None
+        if onnx_exporter is not None and cfg.model.publish_onnx:
+            onnx = OnnxArtifacts(
+                self.state,
+                window_center=cfg.model.window_center,
+                window_width=cfg.model.window_width,
+                exporter=onnx_exporter,
+            )
         self.publisher = Publisher(
             transport,
             cfg.federation,
             self.state,
             ModelIdentity(self.model.arch, self.model.texture_dim),
             build_signer(cfg),
+            onnx=onnx,
         )
         verify = None
         if cfg.node_keys_dir is not None:
@@ -223,9 +236,10 @@ class CoordinatorService:
 
 
 def run_from_config(cfg: CoordinatorConfig, stop: threading.Event | None = None) -> int:
-    """``fedscan coordinator run``: the real broker (or the embedded one) and the torch zoo."""
+    """``fedscan coordinator run``: the real broker (or the embedded one), the torch zoo, and
+    an ONNX export of every version for predict-only nodes (``[model] publish_onnx``)."""
     with broker_transport(cfg) as transport:
-        service = CoordinatorService(cfg, transport)
+        service = CoordinatorService(cfg, transport, onnx_exporter=torch_onnx_exporter)
         return service.run(stop)
 
 

@@ -2,7 +2,8 @@
 
 ``sync`` fetches, verifies and installs the current global model once (same checks as the
 daemon: hash, coordinator signature when configured, no rollback), exports it to
-``<model_dir>/current.onnx`` and exits; it never trains or publishes anything. A running daemon
+``<model_dir>/current.onnx`` (a predict-only install takes the coordinator's ONNX export of
+that version instead) and exits; it never trains or publishes anything. A running daemon
 picks the new file up through its model monitor. Meant for provisioning a workstation or for a
 node whose daemon runs with ``[federation] enabled = false``; a daemon that follows the
 federation does this by itself.
@@ -43,6 +44,12 @@ def sync_once(config: NodeConfig, timeout_s: float = 120.0) -> dict[str, Any]:
             installed = client.sync.state.installed_version
             if m is not None and client.sync.fetching is None and installed == m.version:
                 break
+            if m is not None and m.onnx is None and not client.can_train:
+                raise NodeError(
+                    f"global model {m.version} comes without an ONNX export and this install "
+                    "cannot export the weights: upgrade the coordinator (it publishes one), "
+                    "or install the 'train' extra here"
+                )
         else:
             raise NodeError(f"no complete global model received within {timeout_s:.0f} s")
         return client.status()

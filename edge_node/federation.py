@@ -17,8 +17,10 @@ does everything else in order (``step()`` / ``tick()``; tests drive them directl
 - ``fl/F/node/N/status`` (retained): online with the served model version and capabilities on
   every connect and after every swap; the last will says offline.
 
-Without the ``train`` extra (no torch) the node cannot export or train: it stays online,
-reports only the ``predict`` capability and logs once that it cannot follow the federation.
+Without the ``train`` extra (no torch: the predict-only install) the node cannot export or
+train: it follows the global model through the coordinator's ONNX export of each version
+(``fl/F/global/V/onnx/i``, see ``edge_node.model_sync``), reports the ``predict`` and ``sync``
+capabilities, and never trains, evaluates or sends an update.
 """
 
 from __future__ import annotations
@@ -126,21 +128,21 @@ class FederationClient:
         self._thread: threading.Thread | None = None
         self._last_tick = 0.0
         if not self.can_train:
-            log.error(
-                "federation: torch / onnx are not installed (the 'train' extra), so this node "
-                "can neither export global models nor train: it cannot follow the federation "
-                "and keeps serving its current model (install fedscan[train])"
+            log.info(
+                "federation: predict-only node (torch / onnx, the 'train' extra, are not "
+                "installed): it installs the coordinator's ONNX export of each global model, "
+                "and does not train or evaluate (install fedscan[train] for that)"
             )
 
     # -- wiring ----------------------------------------------------------------------------
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        caps = ["predict"]
+        caps = ["predict", "sync"]  # sync: from the weights, or from the ONNX export
         if self.can_train:
-            caps += ["sync", "eval", "train"]
-        if self.config.federation.safety_margin is not None:
-            caps.append("safety_gate")
+            caps += ["eval", "train"]
+        if self.config.federation.safety_margin is not None and self.can_train:
+            caps.append("safety_gate")  # the gate evaluates with torch
         return tuple(caps)
 
     def _status(self, state: str) -> bytes:
@@ -324,6 +326,8 @@ class FederationClient:
                     self._on_manifest(GlobalManifest.from_bytes(msg.payload))
             elif info.kind == "global_chunk" and info.version is not None:
                 self._on_chunk(info.version, info.index or 0, msg.payload)
+            elif info.kind == "global_onnx_chunk" and info.version is not None:
+                self._on_chunk(info.version, info.index or 0, msg.payload, onnx=True)
             elif info.kind == "ack" and info.node == self.node:
                 self.sender.on_ack(Ack.from_bytes(msg.payload))
         except SignatureError as exc:
@@ -337,19 +341,22 @@ class FederationClient:
         self.sync.check_manifest(manifest)
         self.manifest = manifest
         if self.sync.offer(manifest):
-            self._follow_chunks(manifest.version)
+            self._follow_chunks(manifest.version, onnx=self.sync.fetching_onnx)
         self.tick()
 
-    def _follow_chunks(self, version: int | None) -> None:
+    def _follow_chunks(self, version: int | None, *, onnx: bool = False) -> None:
         if self._chunk_filter is not None:
             self.transport.unsubscribe(self._chunk_filter)
             self._chunk_filter = None
         if version is not None:
-            self._chunk_filter = topics.global_chunks_filter(self.federation, version)
+            if onnx:
+                self._chunk_filter = topics.global_onnx_filter(self.federation, version)
+            else:
+                self._chunk_filter = topics.global_chunks_filter(self.federation, version)
             self.transport.subscribe(self._chunk_filter, self._events.put)
 
-    def _on_chunk(self, version: int, index: int, data: bytes) -> None:
-        if not self.sync.add_chunk(version, index, data):
+    def _on_chunk(self, version: int, index: int, data: bytes, *, onnx: bool = False) -> None:
+        if not self.sync.add_chunk(version, index, data, onnx=onnx):
             return
         self._follow_chunks(None)
         installed = self.sync.complete()

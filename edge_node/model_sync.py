@@ -1,4 +1,4 @@
-"""Receive a global model: verify, fetch, export to ONNX, safety-gate, swap in atomically.
+"""Receive a global model: verify, fetch, export to ONNX (or take the coordinator's), gate, swap.
 
 The coordinator publishes a retained ``GlobalManifest`` on ``fl/F/global/current`` and the
 weights (fp32 safetensors) as retained chunks on ``fl/F/global/V/chunk/i``. For a manifest of a
@@ -19,6 +19,15 @@ newer version than the one installed, ``ModelSync``:
 5. swaps: ``current.onnx`` is copied to ``previous.onnx`` (rollback), the new file replaces
    ``current.onnx`` by rename, and ``on_new_model(path, V)`` is called (the daemon's
    ``ModelHolder.swap``).
+
+A node without the ``train`` extra (no torch: the predict-only install) cannot export, so it
+fetches the coordinator's ONNX export of the same version instead (``manifest.onnx``, chunked on
+``fl/F/global/V/onnx/i``, same per-chunk and whole SHA-256 checks, covered by the same
+signature), checks that onnxruntime loads it and that its metadata names this version and
+architecture, and swaps it in as above. It keeps no weights (``global.safetensors`` is removed:
+it would be an older version's) and applies no safety gate (evaluation needs torch; logged once
+when one is configured). A manifest without ``onnx`` (an older coordinator, or its export
+failed) is logged once per version and the current model keeps serving.
 
 A model that fails any step is logged and never served; the prediction model is unchanged.
 Torch is used only through ``edge_node.local_compute`` (a subprocess in the daemon).
@@ -42,7 +51,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edge_node.config import NodeConfig
-from edge_node.errors import NodeError
+from edge_node.errors import ModelError, NodeError
 from edge_node.local_compute import Compute, ExportRequest
 from edge_node.train_job import GLOBAL_WEIGHTS, TrainJob
 from fl_protocol.chunking import Reassembler
@@ -176,8 +185,11 @@ class ModelSync:
             self.public_key = load_public_key(key_path)
         self._warned_unsigned = False
         self._fetching: GlobalManifest | None = None
+        self._fetching_onnx = False  # the ONNX artifact (predict-only) rather than the weights
         self._reassembler: Reassembler | None = None
         self._failed: set[int] = set()  # versions that cannot be installed (logged once)
+        self._no_onnx_logged: set[int] = set()
+        self._warned_gate = False
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -193,6 +205,11 @@ class ModelSync:
     def fetching(self) -> GlobalManifest | None:
         """The manifest whose chunks are being collected, if any."""
         return self._fetching
+
+    @property
+    def fetching_onnx(self) -> bool:
+        """True when the chunks being collected are the coordinator's ONNX export."""
+        return self._fetching is not None and self._fetching_onnx
 
     def missing_chunks(self) -> list[int]:
         return self._reassembler.missing() if self._reassembler is not None else []
@@ -227,12 +244,22 @@ class ModelSync:
         """A verified manifest arrived; True if its chunks must now be fetched.
 
         False when that version is installed already (or failed before), or when this node
-        cannot export models (no ``train`` extra).
+        cannot export models (no ``train`` extra) and the manifest carries no ONNX export.
         """
         version = manifest.version
-        if self.state.installed_version == version or version in self._failed:
+        installed = self.state.installed_version == version and (
+            not self.can_export or self.global_weights.is_file()  # weights if it can train
+        )
+        if installed or version in self._failed:
             return False
-        if not self.can_export:
+        if not self.can_export and manifest.onnx is None:
+            if version not in self._no_onnx_logged:
+                self._no_onnx_logged.add(version)
+                log.error(
+                    "global model %d comes without an ONNX export (coordinator too old, or its "
+                    "export failed) and this predict-only node cannot export the weights "
+                    "(no 'train' extra): still serving %s", version, self.state.served_version,
+                )  # fmt: skip
             return False
         if self._fetching is not None and self._fetching.version == version:
             return False  # already collecting (a QoS 1 redelivery of the manifest)
@@ -240,19 +267,25 @@ class ModelSync:
             log.info("global model %d superseded by %d before it completed",
                      self._fetching.version, version)  # fmt: skip
         self._fetching = manifest
-        self._reassembler = Reassembler(manifest.payload, self.dir / "global-spool")
-        log.info("fetching global model %d (%d chunk(s), %d bytes; %d already spooled)",
-                 version, manifest.payload.num_chunks, manifest.payload.total_size,
+        self._fetching_onnx = not self.can_export
+        if self._fetching_onnx and manifest.onnx is not None:
+            artifact, spool, what = manifest.onnx, "global-onnx-spool", "ONNX export"
+        else:
+            artifact, spool, what = manifest.payload, "global-spool", "weights"
+        self._reassembler = Reassembler(artifact, self.dir / spool)
+        log.info("fetching global model %d %s (%d chunk(s), %d bytes; %d already spooled)",
+                 version, what, artifact.num_chunks, artifact.total_size,
                  self._reassembler.received)  # fmt: skip
         return True
 
     # -- chunks ----------------------------------------------------------------------------
 
-    def add_chunk(self, version: int, index: int, data: bytes) -> bool:
-        """Store one chunk of the version being fetched; True once every chunk is there."""
+    def add_chunk(self, version: int, index: int, data: bytes, *, onnx: bool = False) -> bool:
+        """Store one chunk (of the weights, or of the ONNX export when ``onnx``) of the version
+        being fetched; True once every chunk is there."""
         if self._fetching is None or self._reassembler is None:
             return False
-        if version != self._fetching.version:
+        if version != self._fetching.version or onnx != self._fetching_onnx:
             return False
         try:
             self._reassembler.add(index, data)
@@ -266,9 +299,12 @@ class ModelSync:
         manifest, reasm = self._fetching, self._reassembler
         if manifest is None or reasm is None or not reasm.complete:
             return None
+        onnx, self._fetching_onnx = self._fetching_onnx, False
         self._fetching, self._reassembler = None, None
         try:
             payload = reasm.result()
+            if onnx:
+                return self.install_onnx(manifest, payload)
             return self.install(manifest, payload)
         except (ProtocolError, NodeError) as exc:
             self._failed.add(manifest.version)
@@ -344,6 +380,58 @@ class ModelSync:
             # The file is in place: the daemon's model monitor picks it up on its next poll.
             log.exception("swapping in global model %d failed in the daemon", version)
         return Installed(version, True, current, new_acc, served_acc)
+
+    def install_onnx(self, manifest: GlobalManifest, payload: bytes) -> Installed:
+        """Verify the coordinator's ONNX export of ``manifest`` and serve it (predict-only)."""
+        from edge_node.inference import OnnxModel
+
+        version = manifest.version
+        self.check_manifest(manifest)
+        from fl_protocol.chunking import sha256_hex
+
+        artifact = manifest.onnx
+        if artifact is None:
+            raise SchemaError(f"global model {version}: the manifest describes no ONNX export")
+        if len(payload) != artifact.total_size or sha256_hex(payload) != artifact.sha256:
+            raise SchemaError("global model ONNX export does not match its manifest sha256")
+        incoming = self.dir / "incoming"
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.mkdir(parents=True)
+        onnx_tmp = incoming / f"global-{version}.onnx"
+        write_atomic(onnx_tmp, payload)
+        try:
+            info = OnnxModel(onnx_tmp, intra_op_threads=1).info
+        except NodeError as exc:
+            raise ModelError(f"the ONNX export does not load: {exc}") from exc
+        if info.model_version != str(version) or info.arch != manifest.arch:
+            raise ModelError(
+                f"the ONNX export names model {info.model_version!r} ({info.arch}), the "
+                f"manifest global model {version} ({manifest.arch})"
+            )
+        if info.texture_dim != manifest.texture_dim:
+            raise ModelError(
+                f"the ONNX export has texture_dim {info.texture_dim}, "
+                f"the manifest {manifest.texture_dim}"
+            )
+        if self.config.federation.safety_margin is not None and not self._warned_gate:
+            self._warned_gate = True
+            log.warning("safety gate: needs local evaluation (the 'train' extra); not applied "
+                        "on this predict-only node")  # fmt: skip
+        self.guard.accept_global(version)
+        current = self._swap(onnx_tmp)
+        # weights of an older version (the node had torch once) must not pass for these
+        self.global_weights.unlink(missing_ok=True)
+        (self.model_dir / SERVED_WEIGHTS).unlink(missing_ok=True)
+        self.state.installed_version = version
+        self.state.served_version = version
+        self.state.save(self.state_path)
+        shutil.rmtree(incoming, ignore_errors=True)
+        log.info("global model %d installed and served (the coordinator's ONNX export)", version)
+        try:
+            self.on_new_model(current, version)
+        except Exception:
+            log.exception("swapping in global model %d failed in the daemon", version)
+        return Installed(version, True, current)
 
     def _gate(self, incoming: Path) -> tuple[float | None, float | None]:
         """(new accuracy, served accuracy) on the local validation split, when gated."""

@@ -55,6 +55,18 @@ def weights_payload(weights: dict[str, np.ndarray], version: int) -> bytes:
     return bytes(st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=meta))
 
 
+def onnx_export(weights: dict[str, np.ndarray], version: int, folder: Path) -> bytes:
+    """The coordinator's ONNX export of ``weights`` as global ``version`` (real export + parity)."""
+    from coordinator.onnx_artifact import export_global_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / f"global_v{version}.safetensors"
+    src.write_bytes(weights_payload(weights, version))
+    return export_global_onnx(
+        src, folder / f"global_v{version}.onnx", model_version=version
+    ).read_bytes()
+
+
 def round_config(round_: int, *, deadline_in: float = 3600.0, **kw: Any) -> RoundConfig:
     values: dict[str, Any] = {
         "round": round_,
@@ -155,9 +167,17 @@ class FakeCoordinator:
         chunks: bool = True,
         mutate: Callable[[GlobalManifest], GlobalManifest] | None = None,
         chunk_filter: Callable[[int, bytes], bytes | None] | None = None,
+        onnx: bytes | None = None,
     ) -> GlobalManifest:
-        """Retained chunks, then the retained manifest (signed when a key is set)."""
+        """Retained chunks, then the retained manifest (signed when a key is set); with
+        ``onnx``, that file's chunks too, described in the manifest (schema version 2)."""
         payload, parts = split(weights_payload(weights, version), self.chunk_size)
+        onnx_payload = None
+        if onnx is not None:
+            onnx_payload, onnx_parts = split(onnx, self.chunk_size)
+            for i, part in enumerate(onnx_parts):
+                topic = topics.global_onnx_chunk(self.federation, version, i)
+                self.t.publish(topic, part, qos=1, retain=True)
         if chunks:
             for i, part in enumerate(parts):
                 data = chunk_filter(i, part) if chunk_filter else part
@@ -173,6 +193,7 @@ class FakeCoordinator:
             texture_dim=0,
             payload=payload,
             round=round_cfg,
+            onnx=onnx_payload,
         )
         if sign and self.key is not None:
             manifest = sign_manifest(manifest, self.key, "coordinator")

@@ -215,23 +215,25 @@ def test_weights_that_do_not_fit_the_architecture_are_never_served(
     client.stop()
 
 
-def test_without_the_train_extra_the_node_stays_online_but_does_not_follow(
+def test_without_the_train_extra_a_model_without_onnx_export_is_not_followed_and_said_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A predict-only install cannot export: it says so, and only advertises prediction."""
+    """A predict-only install cannot export weights: a manifest without the coordinator's ONNX
+    export (an older coordinator) is logged once and nothing is served; the node stays online
+    and does not advertise training (tests/edge_node/test_model_sync_onnx.py: with ONNX)."""
     broker = MemoryBroker()
     FakeCoordinator(broker, FED).publish_global(0, cnn2d_weights(0))
     swaps = Swaps()
+    client = FederationClient(
+        node_config(tmp_path), swaps, broker.transport("node-n1"), can_train=False
+    )
     with caplog.at_level(logging.ERROR):
-        client = FederationClient(
-            node_config(tmp_path), swaps, broker.transport("node-n1"), can_train=False
-        )
-    assert "cannot follow the federation" in caplog.text
-    client.connect()
-    client.run_until_idle()
+        client.connect()
+        client.run_until_idle()
+    assert caplog.text.count("global model 0 comes without an ONNX export") == 1
     assert swaps == []
     status = NodeStatus.from_bytes(broker.retained[topics.node_status(FED, "n1")].payload)
-    assert status.capabilities == ("predict",)
+    assert status.capabilities == ("predict", "sync")
     client.stop()
 
 
