@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from coordinator.calibration import CalibrationBook
 from coordinator.state import MetricsRow, State
 from fl_protocol.errors import ProtocolError
 from fl_protocol.metrics import Metrics, from_confusion, weighted_average
@@ -46,6 +47,8 @@ def store_eval_report(state: State, info: TopicInfo, data: bytes) -> MetricsRow 
         received_at=time.time(),
     )
     state.record_metrics(row)
+    if CalibrationBook(state.dir).add(report):  # the operating point of the next export
+        log.debug("round %d: node %s sent calibration statistics", report.round, report.node)
     log.info(
         "round %d: node %s evaluated global v%d on %d scans (accuracy %.3f)",
         report.round,

@@ -428,7 +428,13 @@ class FederationClient:
             return
         if result.init_val_metrics is not None and result.init_val_metrics.n > 0:
             self.sender.publish_eval(
-                eval_report(rc.round, self.node, m.version, result.init_val_metrics)
+                eval_report(
+                    rc.round,
+                    self.node,
+                    m.version,
+                    result.init_val_metrics,
+                    result.init_val_calibration,
+                )
             )
         else:
             log.info("round %d: no local validation slices; no evaluation report", rc.round)

@@ -195,6 +195,12 @@ class TrainResult:
     trainable_keys: tuple[str, ...]  # state_dict keys this mode changes (for the update codec)
     resumed_from_epoch: int  # 0 = fresh start, k = continued after k checkpointed epochs
     seconds: float
+    # the incoming model's calibration statistics on the local validation side
+    # (fl_protocol.calibration.CalibrationStats.to_dict; counts and sums only), for the report
+    init_val_calibration: dict[str, Any] | None = None
+    # the trained model's operating point fitted on the local validation side (what its ONNX
+    # export carries; fl_protocol.calibration.OperatingPoint.to_dict), None without one
+    operating_point: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -233,6 +239,8 @@ class TrainResult:
             trainable_keys=tuple(d["trainable_keys"]),
             resumed_from_epoch=int(d["resumed_from_epoch"]),
             seconds=float(d["seconds"]),
+            init_val_calibration=d.get("init_val_calibration"),
+            operating_point=d.get("operating_point"),
         )
 
     @classmethod

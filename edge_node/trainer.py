@@ -61,10 +61,12 @@ from edge_node.train_loop import (
     class_weights,
     clone_state,
     evaluate,
+    predict_logits,
     train_epoch,
     validate,
 )
 from export.net import FedscanNet
+from fl_protocol.calibration import OperatingPoint, calibration_stats, fit_operating_point
 from fl_protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -318,6 +320,11 @@ def _train(job: TrainJob) -> TrainResult:
         reference = {name: p.detach().clone() for name, p in trainable}
         best_state = clone_state(model)
         init_val = evaluate(model, data.val).to_dict() if n_val else None
+        init_cal = (
+            calibration_stats(predict_logits(model, data.val), data.val.labels).to_dict()
+            if n_val
+            else None
+        )
         info = {
             "history": [],
             "best_epoch": 0,
@@ -325,6 +332,7 @@ def _train(job: TrainJob) -> TrainResult:
             "bad_epochs": 0,
             "stopped": False,
             "init_val": init_val,
+            "init_val_calibration": init_cal,
             "train_images": 0,
             "train_seconds": 0.0,
         }
@@ -415,6 +423,14 @@ def _train(job: TrainJob) -> TrainResult:
     return _finish(job, model, best_state, info, data, init_desc, resumed_from, t_start)
 
 
+def _operating_point(model: FedscanNet, val: SampleSet) -> OperatingPoint | None:
+    """Temperature, threshold and uncertain band of ``model`` fitted on the local validation
+    side (``fl_protocol.calibration``); None without validation slices of both classes."""
+    if not len(val):
+        return None
+    return fit_operating_point(calibration_stats(predict_logits(model, val), val.labels))
+
+
 def _finish(
     job: TrainJob,
     model: FedscanNet,
@@ -432,6 +448,7 @@ def _finish(
     version = job.model_version or f"local-{state_hash(model)[:8]}"
     job.out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = save_weights(model, job.out_dir / WEIGHTS_FILE, version=version)
+    operating_point = _operating_point(model, data.val)
     onnx_path: Path | None = None
     if job.export_onnx:
         from export.onnx_export import export_onnx
@@ -443,6 +460,7 @@ def _finish(
             model_version=version,
             window_center=job.window_center,
             window_width=job.window_width,
+            calibration=operating_point,
         )
     history = info["history"]
     best = history[info["best_epoch"] - 1]
@@ -467,6 +485,8 @@ def _finish(
         trainable_keys=tuple(sorted(model.trainable_state_keys(job.mode))),
         resumed_from_epoch=resumed_from,
         seconds=time.perf_counter() - t_start,
+        init_val_calibration=info.get("init_val_calibration"),
+        operating_point=None if operating_point is None else operating_point.to_dict(),
     )
     summary = result.to_dict()
     _write_json(

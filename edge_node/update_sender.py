@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,7 +44,7 @@ from fl_protocol.codecs import encode
 from fl_protocol.errors import TransportError
 from fl_protocol.files import write_atomic
 from fl_protocol.metrics import Metrics
-from fl_protocol.schemas import Ack, EvalReport, GlobalManifest, UpdateManifest
+from fl_protocol.schemas import Ack, CalibrationReport, EvalReport, GlobalManifest, UpdateManifest
 from fl_protocol.signing import load_private_key, sign_manifest
 from fl_protocol.transport_base import Transport
 
@@ -88,8 +89,15 @@ def metric_values(metrics: Metrics) -> dict[str, float]:
     return out
 
 
-def eval_report(round_: int, node: str, model_version: int, metrics: Metrics) -> EvalReport:
-    """What the node tells the coordinator about the incoming global model."""
+def eval_report(
+    round_: int,
+    node: str,
+    model_version: int,
+    metrics: Metrics,
+    calibration: dict[str, Any] | None = None,
+) -> EvalReport:
+    """What the node tells the coordinator about the incoming global model; ``calibration``:
+    its aggregate calibration statistics (``TrainResult.init_val_calibration``), if any."""
     return EvalReport(
         round=round_,
         node=node,
@@ -97,6 +105,11 @@ def eval_report(round_: int, node: str, model_version: int, metrics: Metrics) ->
         n_val=metrics.n,
         metrics=metric_values(metrics),
         confusion=metrics.confusion,
+        calibration=CalibrationReport.from_dict(
+            {**calibration, "schema": CalibrationReport.schema_id()}
+        )
+        if calibration
+        else None,
     )
 
 

@@ -21,8 +21,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import onnx
 import torch
@@ -37,6 +38,12 @@ INPUT_SIZE = 224
 TEXTURE_KIND = "glcm_lbp"  # edge_node.texture: GLCM + uniform LBP
 DEFAULT_OPSET = 17
 Exporter = Literal["torchscript", "dynamo"]
+
+
+class OperatingPointLike(Protocol):
+    """``fl_protocol.calibration.OperatingPoint``: ``metadata()`` -> ``fedscan.*`` strings."""
+
+    def metadata(self) -> Mapping[str, str]: ...
 
 
 def _number(value: float) -> str:
@@ -72,8 +79,16 @@ def export_onnx(
     window_width: float = 1500,
     opset: int = DEFAULT_OPSET,
     exporter: Exporter = "torchscript",
+    calibration: OperatingPointLike | None = None,
 ) -> Path:
-    """Export ``model`` (in eval mode; its train/eval state is restored) to ``out``."""
+    """Export ``model`` (in eval mode; its train/eval state is restored) to ``out``.
+
+    ``calibration``: an operating point fitted on validation data
+    (``fl_protocol.calibration.OperatingPoint``, or anything with a ``metadata()`` of
+    ``fedscan.*`` strings): its ``fedscan.temperature`` / ``fedscan.threshold`` /
+    ``fedscan.uncertain_band`` join the metadata, which the node reads
+    (``edge_node.inference``). Without it the node uses T = 1, threshold 0.5.
+    """
     if window_width <= 0:
         raise ExportError("window_width must be > 0")
     dest = Path(out)
@@ -99,6 +114,13 @@ def export_onnx(
     meta = onnx_metadata(
         model, model_version=model_version, window_center=window_center, window_width=window_width
     )
+    if calibration is not None:
+        extra = dict(calibration.metadata())
+        clash = sorted(set(extra) & set(meta))
+        bad = sorted(k for k in extra if not k.startswith("fedscan."))
+        if clash or bad:
+            raise ExportError(f"calibration metadata may not set {clash or bad}")
+        meta.update(extra)
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)

@@ -414,20 +414,54 @@ class NodeStatus(Message):
 
 
 @dataclass(frozen=True)
+class CalibrationReport(Message):
+    """Aggregate calibration statistics of a node's validation slices on the fixed grids of
+    ``fl_protocol.calibration`` (``GRID_ID``): summed NLL per temperature and, per logit
+    margin, how many covid / non-covid slices reach it. Counts and sums only."""
+
+    KIND: ClassVar[str] = "calibration"
+    grid: str
+    n_pos: int
+    n_neg: int
+    nll_sum: Sequence[float]
+    pos_at_or_above: Sequence[int]
+    neg_at_or_above: Sequence[int]
+
+    def _validate(self) -> None:
+        from fl_protocol.calibration import CalibrationError, CalibrationStats
+
+        try:
+            CalibrationStats.from_dict(self.to_dict())
+        except CalibrationError as exc:
+            raise SchemaError(f"calibration: {exc}") from None
+
+
+EVAL_CALIBRATION_VERSION = 2  # an eval report with calibration statistics
+
+
+@dataclass(frozen=True)
 class EvalReport(Message):
     """A node's metrics of global model ``model_version`` on its local validation slices.
 
     Metrics that are undefined (AUC with one class present) are omitted, never NaN.
     ``confusion`` is [[tn, fp], [fn, tp]] with covid positive, summing to ``n_val``.
+    ``calibration`` (schema version 2, optional): the same slices' calibration statistics,
+    from which the coordinator fits the temperature and threshold of the federation's model.
     """
 
     KIND: ClassVar[str] = "eval_report"
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, EVAL_CALIBRATION_VERSION)
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"calibration"})
     round: int
     node: str
     model_version: int
     n_val: int
     metrics: dict[str, float]
     confusion: Sequence[Sequence[int]]  # ((tn, fp), (fn, tp))
+    calibration: CalibrationReport | None = None
+
+    def schema_version(self) -> int:
+        return 1 if self.calibration is None else EVAL_CALIBRATION_VERSION
 
     def _validate(self) -> None:
         check_id(self.node, "node")
@@ -435,3 +469,6 @@ class EvalReport(Message):
             raise SchemaError("eval_report.confusion must be [[tn, fp], [fn, tp]]")
         if sum(self.confusion[0]) + sum(self.confusion[1]) != self.n_val:
             raise SchemaError("eval_report: confusion matrix does not sum to n_val")
+        c = self.calibration
+        if c is not None and c.n_pos + c.n_neg != self.n_val:
+            raise SchemaError("eval_report: calibration counts do not sum to n_val")

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -105,6 +106,19 @@ def test_train_once_writes_weights_onnx_and_metrics(node: LabelledNode, tmp_path
     with torch.no_grad():
         expected = model(torch.from_numpy(data.val.images)).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4)
+    # the operating point fitted on the local validation side is in the ONNX metadata
+    props = {p.key: p.value for p in onnx.load(str(result.onnx_path)).metadata_props}
+    if result.operating_point is None:  # one class on the validation side: nothing to fit
+        assert "fedscan.threshold" not in props
+    else:
+        assert float(props["fedscan.threshold"]) == pytest.approx(
+            result.operating_point["threshold"], rel=1e-5
+        )
+        assert float(props["fedscan.temperature"]) > 0
+    assert result.init_val_calibration is not None
+    assert result.init_val_calibration["n_pos"] + result.init_val_calibration["n_neg"] == (
+        result.n_val
+    )
 
 
 def test_same_seed_same_weights(node: LabelledNode, tmp_path: Path) -> None:

@@ -147,3 +147,25 @@ def test_int8_quantisation_runs_and_keeps_metadata(mode: str, tmp_path: Path) ->
     assert got.shape == (4, 2)
     assert np.abs(got - ref).max() < 0.1 * max(1.0, float(np.abs(ref).max()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "int8.onnx"]
+
+
+def test_operating_point_travels_in_the_metadata_to_the_node(tmp_path: Path) -> None:
+    """An operating point fitted on validation statistics is written as fedscan.temperature /
+    threshold / uncertain_band, and the node's OnnxModel reads and applies it."""
+    from edge_node.inference import OnnxModel
+    from fl_protocol.calibration import calibration_stats, fit_operating_point
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=200)
+    z = np.where(y == 1, 2.0, -4.0) + rng.normal(0, 1.0, size=200)
+    op = fit_operating_point(calibration_stats(np.stack([np.zeros(200), z], axis=1), y))
+    assert op is not None
+    torch.manual_seed(0)
+    out = export_onnx(create_model("cnn2d"), tmp_path / "m.onnx", model_version=3, calibration=op)
+    info = OnnxModel(out, intra_op_threads=1).info
+    assert info.calibrated
+    assert info.temperature == pytest.approx(op.temperature, rel=1e-5)
+    assert info.threshold == pytest.approx(op.threshold, rel=1e-5)
+    assert info.uncertain_band == pytest.approx(op.uncertain_band, rel=1e-5)
+    plain = OnnxModel(export_onnx(create_model("cnn2d"), tmp_path / "p.onnx", model_version=3))
+    assert not plain.info.calibrated and plain.info.threshold == 0.5
