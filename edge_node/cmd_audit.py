@@ -7,9 +7,9 @@ Compares the files in the inbox with the ``files`` table of the node's SQLite st
 multi-frame file counts once) and ``missing``, the inbox files (paths relative to the inbox)
 with no outcome recorded for the file *as it is now*. A file rewritten after its outcome was
 stored (other size or mtime) is missing until the node has handled the new version, exactly as
-the node's catch-up scan sees it. The candidates are the watcher's: regular files (symlinks
-followed) with an accepted extension, no hidden files or folders, no writer droppings
-(``.tmp``, ``.part``, ...).
+the node's catch-up scan sees it. Every file counts (symlinks followed), whatever its
+extension: files the allow-list ignores and dangling links have a ``skipped`` row; only hidden
+files or folders and writer droppings (``.tmp``, ``.part``, ...) are not inputs.
 
 The node's database is opened read-only, so auditing a running node is safe. ``--wait``
 re-checks until nothing is missing or the time is up (after a restart, while the node catches
@@ -49,29 +49,33 @@ class AuditReport:
         return not self.missing
 
 
-def inbox_files(inbox: Path, extensions: tuple[str, ...]) -> dict[Path, Signature]:
-    """Every candidate input under ``inbox`` (recursive, the watcher's filters) -> signature.
+def inbox_files(inbox: Path) -> dict[Path, Signature]:
+    """Every file under ``inbox`` (recursive) -> signature, as the watcher keys it.
 
-    Paths are ``<resolved inbox>/<relative path>``, the form the node stores; files that
-    vanish during the walk, dangling symlinks and non-regular files are left out.
+    Hidden files and folders and writers' temporary files are left out (the watcher never
+    records them); every other entry counts, whatever its extension: files the allow-list
+    ignores, dangling symlinks (signature of the link itself) and FIFOs get a ``skipped`` row
+    from the node. Paths are ``<resolved inbox>/<relative path>``, the form the node stores;
+    files that vanish during the walk are left out.
     """
     root = inbox.resolve()
     found: dict[Path, Signature] = {}
-    allowed = {e.lower() for e in extensions}
     for dirpath, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(IGNORED_PREFIXES)]
         for name in files:
             if name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES):
                 continue
-            if Path(name).suffix.lower() not in allowed:
-                continue
             path = Path(dirpath) / name
             try:
                 st = os.stat(path)
             except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found[path] = (st.st_size, st.st_mtime)
+                try:
+                    st = os.lstat(path)  # a dangling link: the node records the link itself
+                except OSError:
+                    continue
+                if not stat.S_ISLNK(st.st_mode):
+                    continue
+            found[path] = (st.st_size, st.st_mtime)
     return dict(sorted(found.items()))
 
 
@@ -99,7 +103,7 @@ def audit(config: NodeConfig) -> AuditReport:
     inbox = config.paths.inbox
     if not inbox.is_dir():
         raise ConfigError(f"inbox {inbox} is not a folder (check [paths] inbox in the config)")
-    files = inbox_files(inbox, config.watcher.extensions)
+    files = inbox_files(inbox)
     outcomes = recorded_outcomes(config.paths.database)
     counts = {"predicted": 0, "skipped": 0, "quarantined": 0}
     missing: list[str] = []

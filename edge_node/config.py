@@ -40,6 +40,9 @@ class WatcherConfig:
     batch_size: int = 32  # slices per onnxruntime call during bursts
     batch_wait_ms: float = 5.0  # how long to gather a batch once the first file is ready
     extensions: tuple[str, ...] = (".dcm", ".dicom", ".ima", "")  # "" = files without suffix
+    # Logs name files by a tag (sha256 of the path) unless this is on: then by their path
+    # relative to the inbox. Off by default: PACS exports often put patient names in paths.
+    log_paths: bool = False
 
     def __post_init__(self) -> None:
         if self.poll_interval_s <= 0 or self.quiet_period_s < 0:

@@ -9,6 +9,7 @@ atomically by the model monitor; the federation client calls ``holder.swap()`` d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from edge_node.pipeline import Pipeline
 from edge_node.quarantine import Quarantine
 from edge_node.state_lock import StateLock
 from edge_node.store import Store
-from edge_node.watcher import Watcher
+from edge_node.watcher import Watcher, inbox_relative
 from fl_protocol.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,9 @@ class Daemon:
         )
         self.pipeline.on_finished = self.watcher.finished
         self.pipeline.on_retry = self.watcher.retry
+        self.watcher.on_ignored = self.pipeline.record_ignored  # one row for every inbox file
+        if config.watcher.log_paths:
+            self.pipeline.file_ref = functools.partial(inbox_relative, self.watcher.inbox)
         self.monitor = ModelMonitor(config.model_path, self.holder)
         self.api: ApiServerLike | None = None
         self.federation: FederationLike | None = None

@@ -121,6 +121,9 @@ class Pipeline:
         # None: no guard (tests, uploads).
         self.decoding_dir = decoding_dir
         self._crashed_attempts: dict[str, int] = {}  # path -> deaths while decoding it so far
+        # How logs name a file: a path tag by default (file names often carry patient names);
+        # the daemon sets the inbox-relative path when [watcher] log_paths is on.
+        self.file_ref: Callable[[Path], str] = path_tag
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -185,7 +188,7 @@ class Pipeline:
             try:
                 result = self._prepare(ready, model)
             except Exception:
-                log.exception("preprocess stage failed on file %s", path_tag(ready.path))
+                log.exception("preprocess stage failed on file %s", self.file_ref(ready.path))
                 self._safe_finish(ready)
                 continue
             if isinstance(result, Prepared):
@@ -291,7 +294,9 @@ class Pipeline:
         except OSError as exc:  # a full disk must not stop decoding: only the guard is lost
             tmp.unlink(missing_ok=True)
             log.error(
-                "decoding marker not written for file %s: %s", path_tag(ready.path), exc.strerror
+                "decoding marker not written for file %s: %s",
+                self.file_ref(ready.path),
+                exc.strerror,
             )
             return None
         return marker
@@ -322,7 +327,7 @@ class Pipeline:
                 self._crashed_attempts[str(path)] = attempt
                 log.warning(
                     "file %s was being decoded when the node died (%d of %d): decoding again",
-                    path_tag(path),
+                    self.file_ref(path),
                     attempt,
                     DECODE_ATTEMPTS,
                 )
@@ -362,9 +367,14 @@ class Pipeline:
         if ready.via != "upload":
             self.store.record_file(rec)
         self.stats.count(outcome, reason)
-        log.info("file %s %s (%s)", path_tag(ready.path), outcome, reason)
+        log.info("file %s %s (%s)", self.file_ref(ready.path), outcome, reason)
         self._safe_finish(ready)
         return Outcome(outcome, reason, sop)
+
+    def record_ignored(self, ready: ReadyFile, reason: str, detail: str) -> None:
+        """An inbox file the watcher does not hand over (extension not allowed, a dangling
+        link, not a regular file): its row says so, so every inbox file has one outcome."""
+        self._finish_unusable(ready, "skipped", reason, detail, None)
 
     def _safe_finish(self, ready: ReadyFile) -> None:
         if ready.via == "upload":  # not a watched file
@@ -398,7 +408,7 @@ class Pipeline:
                     try:
                         self._predict_alone(p, model)
                     except Exception:  # this thread must outlive any one file
-                        log.exception("file %s: no outcome stored", path_tag(p.ready.path))
+                        log.exception("file %s: no outcome stored", self.file_ref(p.ready.path))
 
     def _gather(self, batch: list[Prepared]) -> int:
         """Add already-prepared files to ``batch`` (briefly waiting only during a burst)."""
@@ -507,6 +517,13 @@ class Pipeline:
             self.stats.count("predicted", None)
             self.stats.observe_ms((time.monotonic() - p.ready.detected) * 1000.0, len(p.frames))
             self._safe_finish(p.ready)
+            log.info(
+                "file %s predicted (%d frame(s), model %s, %.0f ms)",
+                self.file_ref(p.ready.path),
+                len(p.frames),
+                version,
+                (time.monotonic() - p.ready.detected) * 1000.0,
+            )
         log.debug("batch: %d files, %d slices, model %s", len(batch), len(labels), version)
         return {
             rec.path: [{"id": rid, **asdict(r)} for rid, r in zip(row_ids, rows, strict=True)]

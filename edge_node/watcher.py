@@ -8,6 +8,11 @@ where no close event exists) or events without a close are handed over *stable* 
 quiet period. A catch-up scan at start picks up whatever arrived while the node was down.
 The inbox is only ever read: nothing here (or downstream) writes, moves or deletes in it.
 
+Files that are not inputs (another extension, a dangling symlink, a FIFO) are not handed over
+but still get a ``skipped`` row with the reason (``on_ignored``), so that every inbox file has
+exactly one outcome; only hidden files and writers' temporary files (``.tmp``, ``.part``, ...)
+are left out altogether, by the watcher and by `fedscan node audit` alike.
+
 The watcher keys files by (path, size, mtime): a file whose outcome is stored is not handed
 over again unless it changes. Deduplication by SOPInstanceUID happens in the pipeline, which
 is the first to read the header.
@@ -38,6 +43,7 @@ from watchdog.observers import Observer
 
 from edge_node.config import WatcherConfig
 from edge_node.errors import ConfigError
+from edge_node.quarantine import path_tag
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,11 @@ IGNORED_PREFIXES = (".",)
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".swp", "~")
 
 Signature = tuple[int, float]  # (size, st_mtime)
+
+# skip reasons of inbox files that are not handed over
+EXTENSION_NOT_ALLOWED = "extension_not_allowed"
+DANGLING_LINK = "dangling_link"
+NOT_REGULAR = "not_a_regular_file"
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ class ReadyFile:
     mtime: float
     stable: bool  # size was stable over the quiet period: a parse failure is final
     detected: float  # time.monotonic() when it was handed over (latency start)
-    via: str  # "closed" | "moved" | "quiet" | "catchup" | "upload"
+    via: str  # "closed" | "moved" | "quiet" | "catchup" | "upload" | "ignored"
 
     @property
     def signature(self) -> Signature:
@@ -95,6 +106,9 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self.events_active = False
+        # Files that are not inputs get a "skipped" row through this (the daemon wires
+        # Pipeline.record_ignored), so that every inbox file has exactly one outcome.
+        self.on_ignored: Callable[[ReadyFile, str, str], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -175,17 +189,48 @@ class Watcher:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def accepts(self, path: Path) -> bool:
+    def visible(self, path: Path) -> bool:
+        """Inside the inbox, not hidden, not a writer's temporary file."""
         try:
             rel = path.relative_to(self.inbox)
         except ValueError:
             return False
         if any(part.startswith(IGNORED_PREFIXES) for part in rel.parts):
             return False
-        name = rel.name
-        if name.endswith(IGNORED_SUFFIXES):
-            return False
-        return Path(name).suffix.lower() in self._allowed
+        return not rel.name.endswith(IGNORED_SUFFIXES)
+
+    def accepts(self, path: Path) -> bool:
+        """A candidate input: visible, with an allowed extension."""
+        return self.visible(path) and Path(path.name).suffix.lower() in self._allowed
+
+    def _ignore_dangling(self, path: Path, via: str) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return  # gone
+        if stat.S_ISLNK(st.st_mode):
+            why = "symbolic link whose target does not exist"
+            self._ignore(path, (st.st_size, st.st_mtime), via, DANGLING_LINK, why)
+
+    def _ignore(self, path: Path, sig: Signature, via: str, reason: str, detail: str) -> None:
+        """A file that is not handed over still gets its row (``on_ignored``), once per version."""
+        if via == "modified":
+            return  # still being written: its close event or the next scan records it
+        key = str(path)
+        with self._lock:
+            if key in self._inflight or self._done.get(key) == sig:
+                return
+            self._pending.pop(key, None)
+            if self.on_ignored is None:
+                self._done[key] = sig
+                return
+            ready = self._take(path, sig, stable=True, via="ignored", now=time.monotonic())
+        try:
+            self.on_ignored(ready, reason, detail)
+        except Exception:
+            with self._lock:
+                self._inflight.pop(key, None)  # the next scan tries again
+            log.exception("outcome of an ignored file not recorded")
 
     def _consider(self, path: Path, via: str) -> None:
         """React to evidence that ``path`` exists/changed.
@@ -193,13 +238,19 @@ class Watcher:
         ``via``: closed | moved (complete, try at once), catchup (scan at start: old files are
         complete), modified | scan (wait for a stable size).
         """
-        if not self.accepts(path):
-            return
+        if not self.visible(path):
+            return  # hidden files and writer droppings are not inputs
         try:
             st = os.stat(path)
         except OSError:
+            self._ignore_dangling(path, via)
             return
         if not _is_regular(st.st_mode):
+            self._ignore(path, (st.st_size, st.st_mtime), via, NOT_REGULAR, "not a regular file")
+            return
+        if Path(path.name).suffix.lower() not in self._allowed:
+            why = f"extension {Path(path.name).suffix or '(none)'!r} not in [watcher] extensions"
+            self._ignore(path, (st.st_size, st.st_mtime), via, EXTENSION_NOT_ALLOWED, why)
             return
         sig: Signature = (st.st_size, st.st_mtime)
         key = str(path)
@@ -348,6 +399,14 @@ def _walk(root: Path) -> Iterator[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(IGNORED_PREFIXES)]
         for name in files:
             yield Path(dirpath) / name
+
+
+def inbox_relative(inbox: Path, path: Path) -> str:
+    """``path`` relative to ``inbox`` for logs ([watcher] log_paths); a tag when outside it."""
+    try:
+        return str(Path(path).relative_to(inbox))
+    except ValueError:
+        return path_tag(path)
 
 
 def iter_candidates(paths: Iterable[Path]) -> Iterator[Path]:

@@ -37,7 +37,8 @@ def _node(tmp_path: Path) -> NodeConfig:
         .replace("intra_op_threads = 2", "intra_op_threads = 1")
         .replace("[api]\n", "[api]\nenabled = false\n")
     )
-    return load_config(toml)
+    # chest_only off: the real head CT slice 693_UNCR stands for "a CT slice" here
+    return load_config(toml, {"series": {"chest_only": False}})
 
 
 def _record(cfg: NodeConfig, path: Path, outcome: str, **kw: object) -> None:
@@ -114,18 +115,75 @@ def test_a_real_node_records_one_outcome_per_file_and_the_audit_counts_them(
 
 
 def test_candidates_follow_the_watcher_filters(tmp_path: Path) -> None:
-    """Hidden files and folders, writer droppings and other extensions are not inputs; files
-    without a suffix are; dangling symlinks and folders are not files."""
+    """Hidden files and folders and writer droppings are not inputs; every other file counts,
+    whatever its extension (the node records the ones it ignores as skipped), and so does a
+    dangling symlink; folders are not files."""
     inbox = tmp_path / "inbox"
-    keep = ["a.dcm", "b.DCM", "c.ima", "d.dicom", "NOSUFFIX", "sub/e.dcm"]
-    drop = ["x.dcm.tmp", "y.part", ".hidden.dcm", ".cache/z.dcm", "notes.txt", "f.dcm~"]
+    keep = ["a.dcm", "b.DCM", "c.ima", "d.dicom", "NOSUFFIX", "sub/e.dcm", "notes.txt"]
+    drop = ["x.dcm.tmp", "y.part", ".hidden.dcm", ".cache/z.dcm", "f.dcm~"]
     for rel in keep + drop:
         (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
         (inbox / rel).write_bytes(b"x")
     (inbox / "dangling.dcm").symlink_to(tmp_path / "nowhere.dcm")
     (inbox / "dir.dcm").mkdir()
-    found = inbox_files(inbox, (".dcm", ".dicom", ".ima", ""))
-    assert sorted(str(p.relative_to(inbox.resolve())) for p in found) == sorted(keep)
+    found = inbox_files(inbox)
+    names = sorted(str(p.relative_to(inbox.resolve())) for p in found)
+    assert names == sorted([*keep, "dangling.dcm"])
+
+
+def test_ignored_files_and_dangling_links_get_one_skipped_row_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real node on an inbox with a CT slice, a text file the allow-list ignores, a dangling
+    symlink and a FIFO: each gets exactly one row (the three skipped with their reason), the
+    audit is complete, a restart records nothing twice, and every outcome is logged at INFO
+    naming the file (by its inbox-relative path with [watcher] log_paths on)."""
+    import logging
+
+    from edge_node.daemon import Daemon
+
+    cfg = _node(tmp_path)
+    toml = Path(str(cfg.source))
+    toml.write_text(toml.read_text().replace("[watcher]\n", "[watcher]\nlog_paths = true\n"))
+    cfg = load_config(toml)
+    make_classifier(cfg.model_path, version="1")
+    inbox = cfg.paths.inbox
+    copy_with_new_uid(sample_path("693_UNCR.dcm"), inbox / "ct" / "slice.dcm")
+    (inbox / "ct" / "notes.txt").write_text("not an image\n")
+    (inbox / "ct" / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    os.mkfifo(inbox / "ct" / "pipe.dcm")
+    assert audit(cfg).files_seen == 4
+    expect = {
+        "notes.txt": ("skipped", "extension_not_allowed"),
+        "gone.dcm": ("skipped", "dangling_link"),
+        "pipe.dcm": ("skipped", "not_a_regular_file"),
+    }
+    for _run in range(2):  # the second start finds every row and records nothing again
+        with caplog.at_level(logging.INFO, logger="edge_node"):
+            daemon = Daemon(cfg)
+            daemon.start()
+            try:
+                report = audit_until_complete(cfg, 60, poll_s=0.1)
+            finally:
+                daemon.stop()
+                daemon.shutdown(30)
+        assert report.complete and report.files_seen == 4 and report.skipped >= 3
+        con = sqlite3.connect(cfg.paths.database)
+        try:
+            rows = con.execute("SELECT path, outcome, reason, updated_at FROM files").fetchall()
+        finally:
+            con.close()
+        got = {Path(p).name: (o, r.split(":")[0] if r else None) for p, o, r, _u in rows}
+        assert got.pop("slice.dcm")[0] in ("predicted", "skipped")  # [series] chest_only
+        assert got == expect and len(rows) == 4
+        if _run == 0:
+            first_rows = rows
+            logged = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+            for name, outcome in [*((n, o) for n, (o, _r) in expect.items()), ("slice.dcm", "")]:
+                line = f"file {os.path.join('ct', name)} {outcome}"
+                assert any(m.startswith(line) for m in logged), (line, logged)
+            caplog.clear()
+    assert sorted(rows) == sorted(first_rows)  # not even updated_at moved
 
 
 def test_missing_lists_unrecorded_and_rewritten_files(tmp_path: Path) -> None:

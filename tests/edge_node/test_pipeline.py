@@ -275,3 +275,31 @@ def test_texture_model_gets_glcm_lbp_features_of_each_frame(tmp_path: Path) -> N
         assert row["prob_covid"] == pytest.approx(float(expected.prob_covid[0]), abs=1e-6)
     finally:
         h.pipeline.drain(10)
+
+
+def test_every_outcome_is_logged_at_info_naming_the_file(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A predicted, a quarantined and a skipped file each give one INFO line naming the file:
+    by its path tag by default, by its inbox-relative path when the daemon asks for it."""
+    import logging
+
+    from edge_node.quarantine import path_tag
+    from edge_node.watcher import inbox_relative
+
+    ct = h.inbox / "a" / "ct.dcm"
+    copy_with_new_uid(sample_path("693_UNCR.dcm"), ct)
+    junk = write_garbage(h.inbox / "a" / "junk.dcm")
+    mr = write_ct(h.inbox / "a" / "mr.dcm", rows=16, cols=16, modality="MR")
+    with caplog.at_level(logging.INFO, logger="edge_node.pipeline"):
+        h.submit(ct)
+        h.wait()
+        h.pipeline.file_ref = lambda p: inbox_relative(h.inbox.resolve(), p)
+        for path in (junk, mr):
+            h.submit(path)
+            h.wait()
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith(f"file {path_tag(ct.resolve())} predicted (1 frame(s)") for m in info)
+    assert "file a/junk.dcm quarantined (not_dicom)" in info, info
+    assert any(m.startswith("file a/mr.dcm skipped (modality") for m in info), info
+    assert not any("ct.dcm" in m for m in info)  # tag only while file_ref is the default
