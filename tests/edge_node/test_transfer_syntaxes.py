@@ -38,7 +38,7 @@ EXPECTED: dict[str, tuple[object, object]] = {
     "693_UNCR.dcm": ("hu", 1),  # CT, explicit LE
     "HTJ2KLossless_08_RGB.dcm": ("display", 1),  # HTJ2K lossless, RGB secondary capture
     "HTJ2K_08_RGB.dcm": ("display", 1),  # HTJ2K lossy, RGB secondary capture
-    "JLSL_08_07_0_1F.dcm": (PixelDecodeError, "pixel_decode"),  # JPEG-LS P=6: gdcm refuses
+    "JLSL_08_07_0_1F.dcm": ("display", 1),  # JPEG-LS P=6: gdcm refuses, pyjpegls (MIT) decodes
     "JLSL_16_15_1_1F.dcm": ("display", 1),  # JPEG-LS lossless 16-bit gray capture (gdcm)
     "JLSL_RGB_ILV0.dcm": (NotDicomError, "missing_uid"),  # raw dataset, no preamble, no UID
     "JLSL_RGB_ILV1.dcm": (NotDicomError, "missing_uid"),
@@ -116,7 +116,7 @@ EXPECTED: dict[str, tuple[object, object]] = {
 
 # Parse but cannot be decoded with the plugins we ship (no GPL libjpeg; pydicom 3.0's RLE
 # decoders reject these 1-bit SEG frames).
-UNDECODABLE = {"JLSL_08_07_0_1F.dcm", "liver_rle.dcm", "liver_nonbyte_aligned_rle.dcm"}
+UNDECODABLE = {"liver_rle.dcm", "liver_nonbyte_aligned_rle.dcm"}
 
 
 def test_every_shared_sample_is_in_the_table() -> None:
