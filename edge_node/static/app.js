@@ -63,6 +63,11 @@
     const d = new Date(Number(s) * 1000);
     return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}`;
   }
+  // Today's times as HH:MM, older ones with their date.
+  function fmtWhen(s) {
+    const full = fmtEpoch(s);
+    return full && full.slice(0, 10) === fmtEpoch(Date.now() / 1000).slice(0, 10) ? full.slice(11) : full;
+  }
   function fmtDa(da) {
     return da && /^\d{8}$/.test(da) ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6, 8)}` : da || "";
   }
@@ -170,6 +175,22 @@
     await Promise.all([...state.expanded].map((uid) => loadSlices(uid).catch(() => null)));
     renderStudies(page);
     renderPager(page);
+    openFromHash(page);
+  }
+
+  // #slice=<id> opens that slice in the viewer (a link a colleague can follow), once.
+  let hashDone = false;
+  function openFromHash(page) {
+    const m = /^#slice=(\d+)$/.exec(window.location.hash);
+    if (hashDone || !m) return;
+    hashDone = true;
+    for (const study of page.studies) {
+      for (const series of study.series) {
+        const slices = state.fullSlices.get(series.series_instance_uid) || series.key_slices;
+        const index = slices.findIndex((sl) => String(sl.id) === m[1]);
+        if (index >= 0) return openViewer(slices, index, series, study);
+      }
+    }
   }
 
   function renderStudies(page) {
@@ -196,7 +217,7 @@
       ["Accession", study.accession_number || "\u2013"],
       ["Study date", `${fmtDa(study.study_date)} ${fmtTm(study.study_time)}`.trim() || "\u2013"],
       ["Referring", study.referring_physician ? fmtName(study.referring_physician) : "\u2013"],
-      ["Received", fmtEpoch(study.last_seen)],
+      ["Received", fmtWhen(study.last_seen)],
     ];
     const hidden = study.n_series - study.series.length;
     return h(
@@ -288,14 +309,15 @@
       { class: "label-summary" },
       h("strong", { text: parts.join(", ") }),
       unlabelled > 0 ? ` (${unlabelled} unlabelled)` : "",
-      h("div", { class: "who muted", text: `last by ${labels.last_who} at ${fmtEpoch(labels.last_at)}` }),
+      h("div", { class: "who muted", text: `last by ${labels.last_who} at ${fmtWhen(labels.last_at)}` }),
     );
   }
 
-  function labelButtons(onLabel, what) {
+  function labelButtons(onLabel, what, caption) {
     return h(
       "div",
       { class: "label-buttons", role: "group", "aria-label": `Label ${what}` },
+      caption ? h("span", { class: "caption muted", text: caption }) : null,
       h("button", { type: "button", class: "label covid", dataset: { label: "covid" }, onclick: () => onLabel("covid") }, "covid"),
       h("button", { type: "button", class: "label non_covid", dataset: { label: "non_covid" }, onclick: () => onLabel("non_covid") }, "non-covid"),
     );
@@ -322,7 +344,7 @@
         { class: "count" },
         `${s.n_slices} predicted`,
         h("div", { class: "muted", text: `${s.n_instances ?? 0}${expected} received` }),
-        s.completed_at ? h("div", { class: "muted", text: `done ${fmtEpoch(s.completed_at)}` }) : null,
+        s.completed_at ? h("div", { class: "muted", text: `done ${fmtWhen(s.completed_at)}` }) : null,
       ),
       verdictCell(s),
       scoreCell(s),
@@ -331,7 +353,7 @@
         { class: "labels" },
         labelSummary(s.labels, s.n_slices),
         s.n_slices
-          ? labelButtons((label) => labelSeries(uid, label, msg), "every slice of this series")
+          ? labelButtons((label) => labelSeries(uid, label, msg), "every slice of this series", "Label series:")
           : null,
         msg,
       ),
@@ -392,7 +414,7 @@
         "figcaption",
         {},
         badge(sl.verdict || "pending", null, true),
-        h("span", { class: "p", title: "P(covid)", text: `P ${fmtP(sl.prob_covid)}` }),
+        h("span", { class: "p", text: `P(covid) ${fmtP(sl.prob_covid)}` }),
         sl.frame ? h("span", { class: "muted", text: ` f${sl.frame}` }) : null,
         human,
       ),
@@ -477,6 +499,9 @@
     state.viewer = { slices, index, series, study };
     showViewerSlice();
     if (!viewer.open) viewer.showModal();
+    // Focus a harmless button: Enter must never label a slice by accident.
+    const start = $("viewer-next").disabled ? $("viewer-close") : $("viewer-next");
+    start.focus();
   }
 
   function showViewerSlice() {
@@ -487,12 +512,15 @@
     img.alt = `Slice ${v.index + 1} of ${v.slices.length}, lung window`;
     $("viewer-title").textContent = `${fmtName(v.study.patient_name)} \u00b7 slice ${v.index + 1} of ${v.slices.length}`;
     const rows = [
+      ["Patient ID", v.study.patient_id || "\u2013"],
+      ["Accession", v.study.accession_number || "\u2013"],
+      ["Study", `${fmtDa(v.study.study_date)} ${v.study.study_description || ""}`.trim()],
       ["Series", v.series.series_description || "(no description)"],
-      ["P(covid)", fmtP(sl.prob_covid)],
+      ["P(covid)", h("strong", { text: fmtP(sl.prob_covid) })],
       ["Slice verdict", badge(sl.verdict || "pending")],
       ["Series verdict", badge(v.series.state)],
-      ["Model", sl.model_version],
-      ["Frame", String(sl.frame)],
+      ["Model version", sl.model_version],
+      sl.frame ? ["Frame", String(sl.frame)] : null,
       [
         "Label",
         sl.human_label
@@ -500,7 +528,7 @@
           : "not labelled",
       ],
     ];
-    $("viewer-meta").replaceChildren(...rows.map(([k, val]) => h("div", {}, h("dt", { text: k }), h("dd", {}, val))));
+    $("viewer-meta").replaceChildren(...rows.filter(Boolean).map(([k, val]) => h("div", {}, h("dt", { text: k }), h("dd", {}, val))));
     const msg = $("viewer-msg");
     msg.textContent = "";
     msg.classList.remove("error");
@@ -511,7 +539,7 @@
           $("viewer-msg").textContent = `labelled ${label === "covid" ? "covid" : "non-covid"} by ${sl.labelled_by}`;
           state.lastJson = ""; // refresh the list behind the dialog on the next tick
         }
-      }, "this slice"),
+      }, "this slice", "Label slice:"),
     );
     $("viewer-prev").disabled = v.index === 0;
     $("viewer-next").disabled = v.index === v.slices.length - 1;

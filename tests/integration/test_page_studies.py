@@ -1,0 +1,176 @@
+"""The studies page in headless Chromium, against a real `fedscan node run` process fed real
+DICOM series: three synthetic chest CT studies (covid-like, non-covid-like, borderline) and a
+real head CT series that the node skips; screenshots are saved for a person to look at."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.helpers.onnx_models import make_classifier
+from tests.helpers.study_factory import new_study, write_chest_series, write_head_series
+from tests.integration.node_process import NodeProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    # Let the page's fetches finish before the DOM is dumped / the screenshot taken.
+    "--virtual-time-budget=8000",
+]
+# The rule is pinned so that the borderline study stays "uncertain" whatever the default.
+SERIES_TOML = '\n[series]\nquiet_time_s = 1.0\ncheck_interval_s = 0.2\nrule = "top_k_mean"\n'
+# With the tiny mean-brightness model, adding HU brightens the lung-windowed slice:
+# +200 HU gives P(covid) ~0.8, -250 HU ~0.02, +45 HU ~0.45 (inside the default band).
+STUDIES = [
+    ("Doe^Jane", "TP-001", "ACC-1001", "CT THORAX W/O CONTRAST", "20240102", [200, 150, 250, 180]),
+    ("Roe^Richard", "TP-002", "ACC-1002", "CT CHEST LOW DOSE", "20240215", [-250, -300, -200]),
+    ("Poe^Edgar", "TP-003", "ACC-1003", "CT CHEST", "20240301", [45, 40, 50]),
+]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One node, fed once; the tests below read it (module scope keeps the suite short)."""
+    tmp = tmp_path_factory.mktemp("page")
+    node = NodeProcess(tmp / "node", extra_toml=SERIES_TOML)
+    make_classifier(node.folder / "models" / "current.onnx", version="0")  # random init
+    node.start()
+    try:
+        staging = tmp / "staging"
+        series: dict[str, str] = {}
+        for name, pid, acc, desc, date, offsets in STUDIES:
+            study = new_study(name, pid, acc, desc, date)
+            paths = write_chest_series(staging / pid, study, hu_offsets=offsets)
+            series[pid] = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+            if pid == "TP-001":
+                head = write_head_series(staging / "head", study, n=2)
+                series["head"] = str(pydicom.dcmread(head[0]).SeriesInstanceUID)
+                paths += head
+            for i, path in enumerate(paths):  # complete files appear in the inbox at once
+                os.replace(path, node.inbox / f"{pid}-{path.parent.name}-{i}.dcm")
+        n_series = len(series)
+        wait_for(
+            lambda: len(node.query("SELECT 1 FROM series WHERE status != 'open'")) == n_series,
+            timeout=60,
+            what=f"{n_series} series complete or skipped",
+        )
+        yield {"node": node, "series": series, "tmp": tmp}
+    finally:
+        try:
+            assert node.terminate() == 0
+        finally:
+            node.kill()
+
+
+def _chromium(url: str, tmp: Path, *extra: str, size: str = "1400,1000") -> str:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed")
+    profile = tmp / "chromium-profile"
+    cmd = [CHROMIUM, *FLAGS, f"--window-size={size}", f"--user-data-dir={profile}", *extra, url]
+    out = subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    return out.stdout.decode()
+
+
+def _api(fed: dict[str, Any], path: str, **kw: Any) -> httpx.Response:
+    port = fed["node"].port
+    return httpx.request(
+        kw.pop("method", "GET"), f"http://127.0.0.1:{port}{path}", timeout=30, **kw
+    )
+
+
+def test_studies_page_shows_patients_series_verdicts_and_banner(fed: dict[str, Any]) -> None:
+    """The page groups the node's slices by study and series, newest first, with patient,
+    accession, descriptions, the series verdicts (the head CT skipped as not chest), label
+    authors, and a banner saying the model is untrained and uncalibrated."""
+    node, series, tmp = fed["node"], fed["series"], fed["tmp"]
+    r = _api(
+        fed,
+        f"/api/series/{series['TP-002']}/label",
+        method="POST",
+        json={"label": "non_covid", "who": "dr_test"},
+        headers={"Origin": f"http://127.0.0.1:{node.port}"},  # as the page's fetch sends it
+    )
+    assert r.status_code == 200 and r.json()["slices"] == 3, r.text
+    foreign = {"Origin": "http://evil.example"}  # another site's page may not label (CSRF)
+    r = _api(fed, f"/api/series/{series['TP-002']}/label", method="POST",
+             json={"label": "covid", "who": "x"}, headers=foreign)  # fmt: skip
+    assert r.status_code == 403
+    page = _api(fed, "/api/studies").json()
+    assert [s["patient_id"] for s in page["studies"]] == ["TP-003", "TP-002", "TP-001"]
+    states = {s["series_instance_uid"]: s["state"] for st in page["studies"] for s in st["series"]}
+    assert states[series["head"]] == "skipped"
+    assert states[series["TP-001"]] == "covid" and states[series["TP-002"]] == "non_covid"
+    assert states[series["TP-003"]] == "uncertain"
+
+    dom = _chromium(f"http://127.0.0.1:{node.port}/", tmp, "--dump-dom")
+    for text in ("Doe, Jane", "Roe, Richard", "Poe, Edgar", "ACC-1001", "TP-002", "2024-02-15"):
+        assert text in dom, text
+    for text in ("CT THORAX W/O CONTRAST", "Thorax 1.0 lung", "Head routine"):
+        assert text in dom, text
+    assert dom.count('class="badge covid"') == 1 and dom.count('class="badge non_covid"') == 1
+    assert dom.count('class="badge uncertain"') == 1 and dom.count('class="badge skipped"') == 1
+    assert "skipped: not chest" in dom and "inside the uncertain band" in dom
+    assert "last by dr_test" in dom
+    assert "Model untrained" in dom and "not calibrated" in dom
+    assert dom.count('class="thumb"') == 10  # every chest slice shown, head slices not predicted
+    assert "Studies 1\u20133 of 3" in dom
+
+
+def test_filters_and_pagination(fed: dict[str, Any]) -> None:
+    """Filters in the URL narrow the list as the page shows it; pages are server-side."""
+    node, tmp = fed["node"], fed["tmp"]
+    dom = _chromium(f"http://127.0.0.1:{node.port}/?verdict=non_covid", tmp, "--dump-dom")
+    assert "Roe, Richard" in dom and "Doe, Jane" not in dom and "Poe, Edgar" not in dom
+    dom = _chromium(f"http://127.0.0.1:{node.port}/?q=acc-1001&status=skipped", tmp, "--dump-dom")
+    assert "Doe, Jane" in dom and "Head routine" in dom and "Thorax 1.0 lung" not in dom
+    assert "1 other series of this study hidden by the filter" in dom
+    first = _api(fed, "/api/studies", params={"limit": "2"}).json()
+    rest = _api(fed, "/api/studies", params={"limit": "2", "offset": "2"}).json()
+    assert first["total"] == rest["total"] == 3
+    assert len(first["studies"]) == 2 and len(rest["studies"]) == 1
+    assert _api(fed, "/api/studies", params={"limit": "201"}).status_code == 400
+
+
+def test_screenshots_of_the_list_and_the_slice_viewer(fed: dict[str, Any]) -> None:
+    """Screenshots of the list and of one slice opened larger (the viewer); both are saved
+    under the test's tmp dir and /tmp for a person to look at."""
+    node, series, tmp = fed["node"], fed["series"], fed["tmp"]
+    shot = tmp / "studies-page.png"
+    _chromium(f"http://127.0.0.1:{node.port}/", tmp, f"--screenshot={shot}", size="1400,1560")
+    img = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("RGB"), dtype=np.float32)
+    assert img.shape == (1560, 1400, 3)
+    # The verdict badges are coloured: the covid orange is on the page, not only grey text.
+    orange = (img[..., 0] > 200) & (img[..., 1] > 130) & (img[..., 1] < 180) & (img[..., 2] < 110)
+    assert orange.sum() > 200
+    shutil.copyfile(shot, "/tmp/fedscan-studies.png")
+
+    detail = _api(fed, f"/api/series/{series['TP-001']}").json()
+    pid = detail["slices"][0]["id"]
+    big = _api(fed, f"/api/images/{pid}.png", params={"size": "512"})
+    assert Image.open(io.BytesIO(big.content)).size == (512, 512)
+    viewer = tmp / "slice-viewer.png"
+    _chromium(f"http://127.0.0.1:{node.port}/#slice={pid}", tmp, f"--screenshot={viewer}")
+    view = np.asarray(Image.open(viewer).convert("L"), dtype=np.float32)
+    assert view.shape == (1000, 1400)
+    shutil.copyfile(viewer, "/tmp/fedscan-viewer.png")
