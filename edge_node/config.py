@@ -285,6 +285,44 @@ class NodeConfig:
     node_id: str
     paths: PathsConfig
     watcher: WatcherConfig = field(default_factory=WatcherConfig)
+@dataclass(frozen=True)
+class SeriesConfig:
+    """[series]: slices grouped into series, chest-only filter, completion, series verdict."""
+
+    enabled: bool = True  # track series and make a verdict when one completes
+    quiet_time_s: float = 30.0  # a series is complete this long after its last instance
+    check_interval_s: float = 1.0  # how often the tracker looks for completed series
+    rule: str = "majority"  # series verdict rule (edge_node.series.verdict.RULES; README)
+    top_k: int = 5  # slices the top_k_mean rule averages
+    chest_only: bool = True  # skip non-chest images (head, abdomen, scouts) before inference
+    min_lung_air: float = 0.05  # content probe: less lung-like air than this = not chest
+
+    def __post_init__(self) -> None:
+        if not self.quiet_time_s >= 0 or not self.check_interval_s > 0:
+            raise ConfigError("series: quiet_time_s must be >= 0 and check_interval_s > 0")
+        if self.top_k < 1:
+            raise ConfigError("series: top_k must be >= 1")
+        if not 0.0 <= self.min_lung_air < 1.0:
+            raise ConfigError("series: min_lung_air must be in [0, 1)")
+        from edge_node.series.verdict import RULES  # late: the registry imports nothing heavy
+
+        if self.rule not in RULES:
+            raise ConfigError(f"series: unknown rule {self.rule!r}; choices: {sorted(RULES)}")
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    """[results]: DICOM objects made per complete series, handed to the outbox."""
+
+    structured_report: bool = True  # a DICOM SR (Enhanced SR) with the verdict and references
+    secondary_capture: bool = True  # a summary image (key slices and their scores)
+    key_slices: int = 4  # slices shown on the summary image (highest P(covid) first)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.key_slices <= 9:
+            raise ConfigError("results: key_slices must be in 1..9")
+
+
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -304,6 +342,8 @@ class NodeConfig:
     def describe(self) -> dict[str, Any]:
         """A loggable summary (no secrets)."""
         d = dataclasses.asdict(self)
+    series: SeriesConfig = field(default_factory=SeriesConfig)  # series and their verdicts
+    results: ResultsConfig = field(default_factory=ResultsConfig)  # DICOM SR / SC results
         d["api"]["token"] = "***" if self.api.token else None
         return {k: v for k, v in d.items() if k != "source"}
 
@@ -331,6 +371,8 @@ def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
         problem = type_problem(ftype, value)  # port = "eighty" -> "[api] port must be an integer"
         if problem is not None:
             raise ConfigError(f"[{section}] {name} {problem} (got {kind_of(value)})")
+    "series": SeriesConfig,
+    "results": ResultsConfig,
         if "Path" in ftype and value is not None:
             p = Path(str(value)).expanduser()
             value = p if p.is_absolute() else (base / p)

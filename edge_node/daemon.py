@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError, ModelError
@@ -121,6 +121,14 @@ class ModelMonitor:
                 log.exception("model monitor check failed")
 
 
+def _chest_policy(config: NodeConfig) -> Any:
+    if not config.series.chest_only:
+        return None
+    from edge_node.series.chest import ChestPolicy
+
+    return ChestPolicy(min_lung_air=config.series.min_lung_air)
+
+
 class Daemon:
     """One running edge node."""
 
@@ -155,6 +163,7 @@ class Daemon:
             batch_wait_ms=config.watcher.batch_wait_ms,
             stats=self.stats,
             decoding_dir=paths.state_dir / "decoding",  # crash-loop guard (see Pipeline)
+            chest=_chest_policy(config),  # [series] chest_only: skip head, abdomen, scouts
         )
         # A file the previous process died decoding (a native decoder abort) is quarantined
         # now, so that the catch-up scan below does not hand it over again: no crash loop.
@@ -174,6 +183,7 @@ class Daemon:
         self.federation: FederationLike | None = None
         self.dicom_stats = DicomStats()
         self.dicom: DicomLike | None = None  # [dicom] listener / sender (edge_node/dicomnet)
+        self.series_tracker = self._series_tracker(config)  # None when [series] is off
         self._stop = threading.Event()
         self.started_at = time.time()
 
@@ -190,6 +200,8 @@ class Daemon:
         self.pipeline.start()
         self.watcher.start()
         self.monitor.start()
+        if self.series_tracker is not None:
+            self.series_tracker.start()  # open series of an earlier run complete as well
         self._start_dicom()
         if self.config.api.enabled:
             from edge_node.api import ApiServer
@@ -212,6 +224,37 @@ class Daemon:
         if self.config.federation.enabled:
             self._start_federation()
         log.info("node %s running", self.config.node_id)
+
+    def _series_tracker(self, config: NodeConfig) -> Any:
+        """Completes series and queues their DICOM results (edge_node.series, .results)."""
+        if not config.series.enabled:
+            return None
+        from edge_node.results.publish import ResultPublisher
+        from edge_node.series.tracker import SeriesTracker, operating_point_of
+
+        res = config.results
+        publish = None
+        if res.structured_report or res.secondary_capture:
+            publish = ResultPublisher(
+                config.paths.state_dir / "outbox",
+                sr=res.structured_report,
+                sc=res.secondary_capture,
+                key_slices=res.key_slices,
+            )
+
+        def operating_point() -> Any:
+            model = self.holder.current()
+            return None if model is None else operating_point_of(model.info)
+
+        return SeriesTracker(
+            self.store,
+            rule=config.series.rule,
+            top_k=config.series.top_k,
+            quiet_time_s=config.series.quiet_time_s,
+            operating_point=operating_point,
+            publish=publish,
+            check_interval_s=config.series.check_interval_s,
+        )
 
     def _start_dicom(self) -> None:
         """C-STORE SCP into the inbox and/or the outbox sender, when ``[dicom]`` asks for them."""
@@ -274,6 +317,8 @@ class Daemon:
         self.watcher.stop()
         self.monitor.stop()
         drained = self.pipeline.drain(timeout)
+        if self.series_tracker is not None:
+            self.series_tracker.stop()
         if self.dicom is not None:
             self.dicom.stop()
         if self.api is not None:

@@ -31,7 +31,7 @@ from edge_node.errors import InputError, NodeError, SkippedInput, StoreError
 from edge_node.inference import ModelHolder, OnnxModel
 from edge_node.metrics import PipelineStats
 from edge_node.quarantine import Quarantine, path_tag
-from edge_node.store import FileRecord, PredictionRow, Store
+from edge_node.store import FileRecord, PredictionRow, SeriesNote, Store
 from edge_node.watcher import ReadyFile
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,12 @@ class Pipeline:
         on_retry: Callable[[ReadyFile], None] | None = None,
         stats: PipelineStats | None = None,
         decoding_dir: Path | None = None,
+        chest: Any = None,
     ) -> None:
         self.holder = holder
+        # edge_node.series.chest.ChestPolicy: non-chest images are skipped (not_chest:*)
+        # before inference; None = every usable image is predicted.
+        self.chest = chest
         self.store = store
         self.quarantine = quarantine
         self.preprocess_config = preprocess
@@ -205,6 +209,7 @@ class Pipeline:
                 size=key[2],
                 modalities=tuple(self.preprocess_config.modalities),
                 limits=DecodeLimits.from_config(self.preprocess_config),  # DICOM bomb bounds
+                chest=self.chest,
             )
             self._params_cache[key] = p
         return p
@@ -243,8 +248,9 @@ class Pipeline:
         except FileNotFoundError:
             self._safe_finish(ready)  # deleted before we got to it: nothing to record
             return Outcome("vanished")
-        except SkippedInput as exc:
-            return self._finish_unusable(ready, "skipped", exc.reason, str(exc), None)
+        except SkippedInput as exc:  # a non-chest image carries its header (series row)
+            meta = getattr(exc, "meta", None)
+            return self._finish_unusable(ready, "skipped", exc.reason, str(exc), meta)
         except InputError as exc:
             if not ready.stable:
                 self.on_retry(ready)  # maybe still being written: wait for a quiet period
@@ -364,8 +370,11 @@ class Pipeline:
         rec = FileRecord(
             str(ready.path), ready.size, ready.mtime, sop, outcome, f"{reason}: {detail}", n_frames
         )
+        note = None
+        if outcome == "skipped" and reason != DUPLICATE and meta is not None:
+            note = series_note(meta, reason)
         if ready.via != "upload":
-            self.store.record_file(rec)
+            self.store.record_file(rec, (), note)
         self.stats.count(outcome, reason)
         log.info("file %s %s (%s)", self.file_ref(ready.path), outcome, reason)
         self._safe_finish(ready)
@@ -453,13 +462,15 @@ class Pipeline:
 
     def _infer(
         self, batch: list[Prepared], model: OnnxModel
-    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """Labels, confidence, P(covid) and ms per slice, in runs of ``slices_per_run``."""
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Labels, confidence, P(covid), ms and verdict per slice, in runs of
+        ``slices_per_run``."""
         images = np.stack([f for p in batch for f in p.frames])[:, None, :, :]
         texture = None
         if model.info.needs_texture:
             texture = np.concatenate([p.texture for p in batch if p.texture is not None])
         labels: list[str] = []
+        verdicts: list[str] = []
         conf, covid = np.zeros(len(images), np.float32), np.zeros(len(images), np.float32)
         infer_ms = np.zeros(len(images), np.float64)
         for lo in range(0, len(images), self.slices_per_run):
@@ -469,8 +480,9 @@ class Pipeline:
             infer_ms[lo:hi] = (time.perf_counter() - t0) * 1000.0 / len(pred)
             self.stats.batch(len(pred))
             labels += pred.labels
+            verdicts += pred.verdicts or pred.labels
             conf[lo:hi], covid[lo:hi] = pred.confidence, pred.prob_covid
-        return labels, conf, covid, infer_ms
+        return labels, conf, covid, infer_ms, verdicts
 
     def _predict_and_store(
         self, batch: list[Prepared], model: OnnxModel
@@ -479,9 +491,10 @@ class Pipeline:
         batch = self._refresh(batch, model)
         if not batch:
             return {}
-        labels, confidence, prob_covid, infer_ms = self._infer(batch, model)
+        labels, confidence, prob_covid, infer_ms, verdicts = self._infer(batch, model)
         version = model.info.model_version
         records: list[tuple[FileRecord, list[PredictionRow]]] = []
+        notes: list[SeriesNote | None] = []
         i = 0
         now = time.monotonic()
         for p in batch:
@@ -505,13 +518,15 @@ class Pipeline:
                         preprocess_ms=p.preprocess_ms,
                         infer_ms=float(infer_ms[i]),
                         total_ms=(now - p.ready.detected) * 1000.0,
+                        verdict=verdicts[i] if i < len(verdicts) else None,
                     )
                 )
                 i += 1
             sop, size, n = str(m.sop_instance_uid), p.ready.size, len(p.frames)
             rec = FileRecord(path, size, p.ready.mtime, sop, "predicted", None, n)
             records.append((rec, rows))
-        ids = self.store.record_files(records)
+            notes.append(series_note(m, None))
+        ids = self.store.record_files(records, notes)
         for p in batch:
             self._release_sop(str(p.meta.sop_instance_uid))
             self.stats.count("predicted", None)
@@ -529,6 +544,34 @@ class Pipeline:
             rec.path: [{"id": rid, **asdict(r)} for rid, r in zip(row_ids, rows, strict=True)]
             for (rec, rows), row_ids in zip(records, ids, strict=True)
         }
+
+
+def series_note(meta: Any, skip_reason: str | None) -> SeriesNote | None:
+    """The study/series header of a predicted (or skipped) slice, for the series tables;
+    None when the file names no series (nothing to group)."""
+    h = getattr(meta, "header", None)
+    if h is None or not meta.series_instance_uid or not meta.study_instance_uid:
+        return None
+    return SeriesNote(
+        study_instance_uid=str(meta.study_instance_uid),
+        series_instance_uid=str(meta.series_instance_uid),
+        sop_instance_uid=str(meta.sop_instance_uid),
+        patient_key=_opt(meta.patient_key),
+        modality=str(meta.modality or ""),
+        patient_name=h.patient_name,
+        patient_id=h.patient_id,
+        accession_number=h.accession_number,
+        study_date=h.study_date,
+        study_time=h.study_time,
+        study_description=h.study_description,
+        referring_physician=h.referring_physician,
+        series_number=h.series_number,
+        series_description=h.series_description,
+        body_part=h.body_part,
+        protocol_name=h.protocol_name,
+        expected_instances=h.expected_instances,
+        skip_reason=skip_reason,
+    )
 
 
 def _opt(v: Any) -> str | None:

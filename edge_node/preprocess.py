@@ -27,6 +27,7 @@ sees exactly this function's output, so train and inference agree.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from edge_node.hu import (
     to_hu,
     windowed,
 )
+from edge_node.series.chest import ChestPolicy, content_reason, header_reason, header_says_chest
 
 __all__ = [
     "DecodeLimits",
@@ -85,6 +87,8 @@ class PreprocessParams:
     window_width: float = 1500.0  # lung window width (HU)
     size: int = 224  # output side (model input)
     modalities: tuple[str, ...] = ("CT",)  # allow-list; "*" accepts any modality
+    # Skip non-chest images (edge_node.series.chest) with reason not_chest:*; None: no check
+    chest: ChestPolicy | None = None
     limits: DecodeLimits = DEFAULT_LIMITS  # DICOM bomb bounds (frames, pixels, dataset bytes)
 
     def __post_init__(self) -> None:
@@ -125,6 +129,64 @@ class SliceMeta:
     rows: int
     cols: int
     pipeline: str  # "hu" | "display"
+    # Study and series header (edge_node.series groups slices by them; the local page shows
+    # them). Patient name/ID stay in the local SQLite: never logged, never sent.
+    header: SeriesHeader | None = None
+    lung_air: float | None = None  # chest content probe (edge_node.series.chest), hu path only
+
+
+@dataclass(frozen=True)
+class SeriesHeader:
+    """The study and series attributes of one slice, as text ("" when absent)."""
+
+    patient_name: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    referring_physician: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    protocol_name: str = ""
+    # Instances the series will hold when a header says so (NumberOfSlices, or
+    # ImagesInAcquisition); None when unknown.
+    expected_instances: int | None = None
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except _PARSE_ERRORS:
+        return None
+
+
+def series_header(ds: Dataset) -> SeriesHeader:
+    """Study/series attributes of a parsed dataset; an unreadable value reads as absent."""
+
+    def text(keyword: str) -> str:
+        try:
+            return _text(ds, keyword)
+        except _PARSE_ERRORS:
+            return ""
+
+    expected = _int_or_none(ds, "NumberOfSlices") or _int_or_none(ds, "ImagesInAcquisition")
+    return SeriesHeader(
+        patient_name=text("PatientName"),
+        patient_id=text("PatientID"),
+        accession_number=text("AccessionNumber"),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        study_description=text("StudyDescription"),
+        referring_physician=text("ReferringPhysicianName"),
+        series_number=_int_or_none(ds, "SeriesNumber"),
+        series_description=text("SeriesDescription"),
+        body_part=text("BodyPartExamined"),
+        protocol_name=text("ProtocolName"),
+        expected_instances=expected if expected and expected > 0 else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +235,7 @@ def _slice_meta(ds: Dataset) -> SliceMeta:
         rows=int(ds.get("Rows") or 0),
         cols=int(ds.get("Columns") or 0),
         pipeline=choose_pipeline(ds),
+        header=series_header(ds),
     )
 
 
@@ -223,13 +286,30 @@ def prepare_dataset(ds: Dataset, params: PreprocessParams) -> PreparedFile:
     t0 = time.perf_counter()
     meta = slice_meta(ds)
     check_usable(ds, meta, params)
+    chest = params.chest if params.chest is not None and params.chest.enabled else None
+    if chest is not None:
+        why = header_reason(ds)
+        if why is not None:
+            raise _not_chest(why, meta)
     pixels = decode_pixels(ds, params.limits)
     if meta.pipeline == "hu":
+        if chest is not None and not header_says_chest(ds):
+            why, frac = content_reason(to_hu(ds, pixels), chest)
+            meta = dataclasses.replace(meta, lung_air=round(frac, 4))
+            if why is not None:
+                raise _not_chest(why, meta)
         images = windowed(ds, pixels, params.window_center, params.window_width)
     else:
         images = to_display(ds, pixels)
     frames = [resize(frame, params.size) for frame in images]
     return PreparedFile(meta, frames, preprocess_ms=(time.perf_counter() - t0) * 1000.0)
+
+
+def _not_chest(reason: str, meta: SliceMeta) -> SkippedInput:
+    """SkippedInput for a non-chest image; ``.meta`` lets the pipeline file it in its series."""
+    exc = input_error(SkippedInput, reason, "not a chest CT image")
+    exc.meta = meta  # type: ignore[attr-defined]
+    return exc
 
 
 def prepare(source: Source, params: PreprocessParams | None = None) -> PreparedFile:

@@ -298,7 +298,8 @@ def image_dataset(
     description: str,
 ) -> Dataset:
     """The parts every image we write shares: file meta (Explicit VR Little Endian), UIDs, an
-    empty patient name and study details, Modality CT, one MONOCHROME2 sample per pixel."""
+    empty patient name and study details, Modality CT, BodyPartExamined CHEST, one MONOCHROME2
+    sample per pixel."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -318,6 +319,7 @@ def image_dataset(
     ds.AccessionNumber = ""
     ds.ReferringPhysicianName = ""
     ds.Modality = "CT"
+    ds.BodyPartExamined = "CHEST"  # lung CT: the node's chest-only filter keeps it
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
     ds.SeriesDescription = description

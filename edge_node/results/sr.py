@@ -143,4 +143,9 @@ def build_sr(finding: SeriesFinding, sources: Sequence[Dataset]) -> hd.sr.Compre
         is_final=False,  # an AI proposal, not a verified report
     )
     sr.SeriesDescription = f"fedscan AI verdict: {finding.verdict} ({calibration_state(finding)})"
+    scheme = Dataset()  # the private scheme of the local codes, declared as PS3.3 asks
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "fedscan local codes"
+    scheme.CodingSchemeResponsibleOrganization = "fedscan"
+    sr.CodingSchemeIdentificationSequence = [scheme]
     return sr

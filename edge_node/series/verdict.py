@@ -11,6 +11,8 @@ picks one with ``[series] rule``.
     top_k_mean  mean of the k highest P(covid) (k = min(top_k, n)): lesions show on some
                 slices only, so the highest few carry the evidence without one outlier deciding
     majority    the fraction of slices at or above the model threshold, against 0.5
+    vote        majority of the slices outside the uncertain band (the slices that are
+                themselves uncertain do not vote; none left -> uncertain)
 
 The score of the probability rules is compared with the model's threshold (calibrated when the
 model file carries ``fedscan.threshold``); ``majority`` compares a fraction with 0.5. The
@@ -42,28 +44,34 @@ class SeriesVerdict:
     n_slices: int  # slices the rule used
 
 
-Score = Callable[[np.ndarray, float, int], float]  # (probs, model threshold, top_k) -> score
+# (probs, model threshold, top_k, band) -> score; None = no slice gives evidence
+Score = Callable[[np.ndarray, float, int, float], float | None]
 
 
-def _mean(p: np.ndarray, _t: float, _k: int) -> float:
+def _mean(p: np.ndarray, _t: float, _k: int, _b: float) -> float:
     return float(p.mean())
 
 
-def _median(p: np.ndarray, _t: float, _k: int) -> float:
+def _median(p: np.ndarray, _t: float, _k: int, _b: float) -> float:
     return float(np.median(p))
 
 
-def _max(p: np.ndarray, _t: float, _k: int) -> float:
+def _max(p: np.ndarray, _t: float, _k: int, _b: float) -> float:
     return float(p.max())
 
 
-def _top_k_mean(p: np.ndarray, _t: float, k: int) -> float:
+def _top_k_mean(p: np.ndarray, _t: float, k: int, _b: float) -> float:
     k = max(1, min(k, len(p)))
     return float(np.sort(p)[-k:].mean())
 
 
-def _majority(p: np.ndarray, t: float, _k: int) -> float:
+def _majority(p: np.ndarray, t: float, _k: int, _b: float) -> float:
     return float((p >= t).mean())
+
+
+def _vote(p: np.ndarray, t: float, _k: int, band: float) -> float | None:
+    decided = p[np.abs(p - t) >= band]
+    return None if len(decided) == 0 else float((decided >= t).mean())
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ RULES: dict[str, Rule] = {
         Rule("max", _max),
         Rule("top_k_mean", _top_k_mean),
         Rule("majority", _majority, fraction=True),
+        Rule("vote", _vote, fraction=True),
     )
 }
 
@@ -108,7 +117,9 @@ def decide(
     label = f"top_k_mean(k={top_k})" if r.name == "top_k_mean" else r.name
     if len(p) == 0:
         return SeriesVerdict("uncertain", None, cut, band, label, 0)
-    score = r.score(p, threshold, top_k)
+    score = r.score(p, threshold, top_k, band)
+    if score is None:  # e.g. vote with every slice within the band: no evidence either way
+        return SeriesVerdict("uncertain", None, cut, band, label, len(p))
     verdict = "covid" if score >= cut else "non_covid"
     if abs(score - cut) < band:
         verdict = "uncertain"

@@ -17,10 +17,11 @@ evaluate rules without training again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from fedscan.bench.train import DEFAULT_DATASET, build_sets, discover, load_prep
 from fedscan.errors import BenchError
 
 TOP_K = (3, 5)
+BOOTSTRAP = 1000  # resamples of the patients for the 95% intervals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,9 +96,12 @@ def _train_probs(args: argparse.Namespace) -> dict[str, np.ndarray]:
         prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         out[f"{split}_p"] = prob[:, 1].astype(np.float64)
         out[f"{split}_y"] = np.asarray(s.labels, dtype=np.int64)
-        # a patient id is unique within its class folder only
+        # a patient id is unique within its class folder only; stored hashed
         out[f"{split}_patient"] = np.array(
-            [f"{y}:{k}" for y, k in zip(s.labels, s.patient_keys, strict=True)]
+            [
+                hashlib.sha256(f"{y}:{k}".encode()).hexdigest()[:16]
+                for y, k in zip(s.labels, s.patient_keys, strict=True)
+            ]
         )
     return out
 
@@ -119,13 +124,18 @@ def evaluate_rules(
     from edge_node.series.verdict import RULES, decide
 
     patients = _patients(p, y, who)
+    rng = np.random.default_rng(0)
+    boot = [rng.integers(0, len(patients), len(patients)) for _ in range(BOOTSTRAP)]
     configs = [(name, 5) for name in RULES if name != "top_k_mean"]
     configs += [("top_k_mean", k) for k in TOP_K]
     results: dict[str, dict[str, Any]] = {}
     for name, k in configs:
         tp = tn = fp = fn = unc = 0
-        for label, probs in patients:
+        # per patient: 1 right, 0 wrong, -1 uncertain (for the bootstrap over patients)
+        outcome = np.zeros(len(patients), dtype=np.int64)
+        for j, (label, probs) in enumerate(patients):
             v = decide(probs, rule=name, threshold=threshold, band=band, top_k=k).verdict
+            outcome[j] = -1 if v == "uncertain" else int((v == "covid") == bool(label))
             if v == "uncertain":
                 unc += 1
             elif v == "covid":
@@ -142,8 +152,42 @@ def evaluate_rules(
             "uncertain_rate": unc / len(patients) if patients else None,
             "accuracy_uncertain_wrong": (tp + tn) / len(patients) if patients else None,
             "confusion": {"tp": tp, "fn": fn, "tn": tn, "fp": fp, "uncertain": unc},
+            "ci95": _bootstrap(outcome, boot),
         }
     return results
+
+
+def _bootstrap(outcome: np.ndarray, boot: list[np.ndarray]) -> dict[str, list[float]]:
+    """95% percentile intervals (patients resampled) of the decided accuracy, the
+    accuracy with uncertain counted wrong, and the uncertain rate."""
+    dec, acc, unc = [], [], []
+    for idx in boot:
+        o = outcome[idx]
+        decided = o >= 0
+        if decided.any():
+            dec.append(float(o[decided].mean()))
+        acc.append(float((o == 1).mean()))
+        unc.append(float((o == -1).mean()))
+
+    def ci(v: list[float]) -> list[float]:
+        return [round(float(np.percentile(v, 2.5)), 3), round(float(np.percentile(v, 97.5)), 3)]
+
+    return {
+        "accuracy_decided": ci(dec),
+        "accuracy_uncertain_wrong": ci(acc),
+        "uncertain_rate": ci(unc),
+    }
+
+
+def slices_per_patient(who: np.ndarray) -> dict[str, float]:
+    counts = np.array(list(Counter(str(w) for w in who).values()))
+    return {
+        "min": int(counts.min()),
+        "median": float(np.median(counts)),
+        "mean": round(float(counts.mean()), 2),
+        "max": int(counts.max()),
+        "single_slice_patients": int((counts == 1).sum()),
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -152,7 +196,8 @@ def _fmt(v: Any) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     lines = [
-        "| rule | split | patients | acc (decided) | sens | spec | uncertain | acc (unc=wrong) |",
+        "| rule | split | patients | acc (decided) | sens | spec | uncertain "
+        "| acc (unc=wrong) [95% CI] |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for split in ("val", "test"):
@@ -160,7 +205,9 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {rule} | {split} | {m['patients']} | {_fmt(m['accuracy_decided'])} | "
                 f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
-                f"{_fmt(m['uncertain_rate'])} | {_fmt(m['accuracy_uncertain_wrong'])} |"
+                f"{_fmt(m['uncertain_rate'])} | {_fmt(m['accuracy_uncertain_wrong'])} "
+                f"[{m['ci95']['accuracy_uncertain_wrong'][0]:.2f}, "
+                f"{m['ci95']['accuracy_uncertain_wrong'][1]:.2f}] |"
             )
     return "\n".join(lines)
 
@@ -183,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
         "uncertain_band": args.band,
         "calibrated": False,
         "slices": {s: len(probs[f"{s}_p"]) for s in ("val", "test")},
+        "slices_per_patient": {
+            s: slices_per_patient(probs[f"{s}_patient"]) for s in ("val", "test")
+        },
     }
     for split in ("val", "test"):
         doc[split] = evaluate_rules(

@@ -22,7 +22,9 @@ from tests.helpers.onnx_models import make_classifier
 def _daemon(tmp: Path, **api: Any) -> Daemon:
     toml = init_node(tmp / "node")
     make_classifier(tmp / "node" / "models" / "current.onnx", version="5")
-    cfg = load_config(toml, {"api": {"port": 0, **api}, "inference": {"intra_op_threads": 1}})
+    # chest_only off: these tests use the real head CT slice 693_UNCR as "a CT slice"
+    overrides = {"inference": {"intra_op_threads": 1}, "series": {"chest_only": False}}
+    cfg = load_config(toml, {"api": {"port": 0, **api}, **overrides})
     d = Daemon(cfg)
     d.start()
     return d

@@ -32,11 +32,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
 class NodeProcess:
     """`fedscan node run --config DIR/node.toml --api-port 0` with its log in DIR/node.log."""
 
-    def __init__(self, folder: Path, *, extra_toml: str = "", model: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        extra_toml: str = "",
+        model: Path | None = None,
+        chest_only: bool = False,
+    ) -> None:
         self.folder = folder
         if not (folder / "node.toml").exists():
             toml = init_node(folder)
             text = toml.read_text().replace("intra_op_threads = 2", "intra_op_threads = 1")
+            if not chest_only and "[series]" not in extra_toml:
+                # Most tests feed the real head CT slice 693_UNCR as "a CT slice"; the node's
+                # default chest-only filter would skip it (tests/edge_node/series test that).
+                extra_toml += "\n[series]\nchest_only = false\n"
             toml.write_text(text + extra_toml)
         self.toml = folder / "node.toml"
         self.inbox = folder / "inbox"
