@@ -54,7 +54,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_fragmented_frames, generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filebase import DicomBytesIO
+from pydicom.filebase import DicomBytesIO, DicomIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as pydicom_read_dataset
 from pydicom.pixels import pixel_array
@@ -178,21 +178,40 @@ def _finish_read(ds: Dataset) -> Dataset:
     return ds
 
 
-def inflate(data: bytes, max_bytes: int, what: str) -> bytes:
-    """Raw deflate of ``data``, refused (NotDicomError "limit:inflated") as soon as the output
-    would pass ``max_bytes``: the memory spent is bounded by the cap, not by the data."""
+INFLATE_CHUNK = 8 << 20  # bytes inflated per step: the peak stays at the cap, not twice it
+
+
+def inflate_into(out: io.BytesIO, data: bytes | memoryview, max_bytes: int, what: str) -> int:
+    """Raw deflate of ``data`` appended to ``out`` in steps, refused (NotDicomError
+    "limit:inflated") as soon as the output would pass ``max_bytes``: the memory spent is
+    bounded by the cap, not by the data. Returns the inflated size."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    tail = data
     try:
-        out = d.decompress(data, max_bytes + 1)
+        while True:
+            chunk = d.decompress(tail, min(INFLATE_CHUNK, max_bytes + 1 - total))
+            total += len(chunk)
+            if total > max_bytes:
+                raise input_error(
+                    NotDicomError, "limit:inflated", f"{what} inflates past {max_bytes} bytes"
+                )
+            out.write(chunk)
+            tail = d.unconsumed_tail
+            if d.eof or (not tail and not chunk):
+                break
     except zlib.error as exc:
         raise input_error(NotDicomError, "not_dicom", f"{what}: {_short(exc)}") from exc
-    if len(out) > max_bytes or d.unconsumed_tail:
-        raise input_error(
-            NotDicomError, "limit:inflated", f"{what} inflates past {max_bytes} bytes"
-        )
     if not d.eof:
         raise input_error(NotDicomError, "truncated", f"{what}: deflate stream cut off")
-    return out
+    return total
+
+
+def inflate(data: bytes, max_bytes: int, what: str) -> bytes:
+    """`inflate_into` returning the bytes (for frames, whose cap is their header size)."""
+    out = io.BytesIO()
+    inflate_into(out, data, max_bytes, what)
+    return out.getvalue()
 
 
 def _split_deflated(data: bytes) -> tuple[bytes | None, FileMetaDataset, int] | None:
@@ -219,13 +238,15 @@ def _read_deflated(
     cap: int,
 ) -> Dataset:
     """What pydicom's dcmread does for a deflated dataset, with the inflation capped."""
-    inflated = inflate(data[offset:], cap, "deflated dataset")
+    buffer = io.BytesIO()
+    size = inflate_into(buffer, memoryview(data)[offset:], cap, "deflated dataset")
+    buffer.seek(0)
 
     def at_pixels(tag: object, _vr: object, _length: int) -> bool:
         return stop_before_pixels and tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
 
     try:
-        dataset = pydicom_read_dataset(DicomBytesIO(inflated), False, True, stop_when=at_pixels)
+        dataset = pydicom_read_dataset(DicomIO(buffer), False, True, stop_when=at_pixels)
     except (EOFError, OSError, struct.error, BytesLengthException) as exc:
         raise input_error(NotDicomError, "truncated", f"cut off: {_short(exc)}") from exc
     except _PARSE_ERRORS as exc:
@@ -234,7 +255,7 @@ def _read_deflated(
     ds.set_original_encoding(False, True, dataset._character_set)
     if preamble is None and not _UID_RE.match(str(ds.get("SOPClassUID") or "")):
         raise input_error(NotDicomError, "not_dicom", "no DICOM preamble and no SOP Class UID")
-    _check_complete(ds, len(inflated), stop_before_pixels, inflated=True)
+    _check_complete(ds, size, stop_before_pixels, inflated=True)
     return ds
 
 
