@@ -327,9 +327,11 @@ class Browser:
     ) -> list[dict[str, Any]]:
         label_cols, label_join = self._label_join()
         verdict_col = "p.verdict" if "verdict" in self._tables.get("predictions", ()) else "NULL"
+        # n_frames tells the page whether a label names one frame or the whole file.
         rows = self._rows(
             "SELECT p.id, p.sop_instance_uid, p.frame, p.label, p.prob_covid, p.confidence,"
-            f" p.model_version, p.created_at, {verdict_col} AS verdict, {label_cols}"
+            f" p.model_version, p.created_at, {verdict_col} AS verdict, {label_cols},"
+            " (SELECT f.n_frames FROM files f WHERE f.path = p.path) AS n_frames"
             f" FROM predictions p{label_join} WHERE p.series_instance_uid = ?"
             f" ORDER BY {order} LIMIT ? OFFSET ?",
             (series_uid, limit, offset),

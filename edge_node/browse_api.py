@@ -209,10 +209,11 @@ class BrowseRoutes:
             return None
         from PIL import Image
 
-        from edge_node.preprocess import PreprocessParams, prepare
+        from edge_node.preprocess import DecodeLimits, PreprocessParams, prepare
 
         key = model_key(model, self.node.config.preprocess)
-        params = PreprocessParams(key[0], key[1], size, ("*",))
+        limits = DecodeLimits.from_config(self.node.config.preprocess)
+        params = PreprocessParams(key[0], key[1], size, ("*",), limits=limits)
         try:
             frames = prepare(Path(row["path"]), params).frames
         except (InputError, OSError):

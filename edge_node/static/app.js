@@ -478,7 +478,10 @@
       await api("/api/labels", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ sop_instance_uid: sl.sop_instance_uid, label, who }),
+        // One frame of a multi-frame file is labelled alone; a single-frame file as a whole.
+        body: JSON.stringify(
+          Object.assign({ sop_instance_uid: sl.sop_instance_uid, label, who }, sl.n_frames > 1 ? { frame: sl.frame } : {}),
+        ),
       });
       sl.human_label = label;
       sl.labelled_by = who;
