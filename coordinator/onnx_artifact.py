@@ -126,11 +126,14 @@ class OnnxArtifacts:
         exporter: OnnxExporter = torch_onnx_exporter,
     ) -> None:
         """``metadata_for(version)``: extra ONNX metadata for that version (e.g. its fitted
-        temperature / threshold), or None."""
+        temperature / threshold), or None; default: the operating point fitted from the
+        nodes' calibration statistics (``coordinator.calibration.CalibrationBook``)."""
+        from coordinator.calibration import CalibrationBook
+
         self.state = state
         self.window_center = window_center
         self.window_width = window_width
-        self.metadata_for = metadata_for
+        self.metadata_for = metadata_for or CalibrationBook(state.dir).metadata_for
         self.exporter = exporter
         self._failed: set[int] = set()  # versions whose export failed in this process
 

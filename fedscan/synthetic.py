@@ -6,11 +6,12 @@ noise level); each slice is a level through it (lungs grow and shrink with it). 
 air, a body ellipse with a fat layer, two lungs at about -850 HU with a posterior (dependent)
 density gradient, heart and spine, vessels as small bright dots, scanner-like noise and blur.
 
-``covid`` slices add ground-glass opacities: 1-5 soft patches at -500 to -300 HU, mostly
-peripheral and posterior, of varying size, sometimes with a consolidated core. Hard cases on
-both sides keep it from being trivial: about a fifth of covid slices show only one small faint
-patch (-650 to -550 HU), and about a third of non_covid slices carry a confounder (a dependent
-atelectasis band, a solid nodule, or denser lungs overall).
+``covid`` slices add ground-glass opacities: 3-7 soft patches at -480 to -280 HU (well inside
+the lung window: 0.58-0.71 of the display range against ~0.33 for lung), mostly peripheral
+and posterior, 8-22 px (at 256 px) across, sometimes with a consolidated core. Hard cases on
+both sides keep it from being trivial: about one covid slice in twenty shows only one small
+fainter patch (-600 to -500 HU), and about a third of non_covid slices carry a confounder (a
+dependent atelectasis band, a solid nodule, or denser lungs overall).
 
 Stored as Explicit VR Little Endian CT Image Storage, int16 with RescaleIntercept -1024, so the
 preprocessor takes its ``hu`` path. Same ``index.csv`` format as `fedscan.dataset` import;
@@ -144,8 +145,8 @@ def ct_slice(anatomy: Anatomy, rng: np.random.Generator, *, size: int, covid: bo
         lesions += _vessel(size, py, px, sig, rng.uniform(300, 800))
 
     if covid:
-        faint = rng.random() < 0.15
-        for _ in range(1 if faint else int(rng.integers(2, 7))):
+        faint = rng.random() < 0.05
+        for _ in range(1 if faint else int(rng.integers(3, 8))):
             _ggo(lesions, a, lung_params, rng, s, faint)
     else:
         _confounder(hu, lesions, a, lung, lung_params, rng, s, y)
@@ -182,9 +183,9 @@ def _ggo(
     px, py = _to_pixels(a, lx + r * la * math.cos(t), ly + r * lb * math.sin(t), s)
     scale = s / 256.0
     if faint:
-        sig, target = rng.uniform(3.5, 6.0) * scale, rng.uniform(-620.0, -520.0)
+        sig, target = rng.uniform(4.5, 7.0) * scale, rng.uniform(-600.0, -500.0)
     else:
-        sig, target = rng.uniform(6.0, 20.0) * scale, rng.uniform(-480.0, -280.0)
+        sig, target = rng.uniform(8.0, 22.0) * scale, rng.uniform(-480.0, -280.0)
     amp = target - a.lung_hu
     texture = 0.75 + 0.25 * rng.random()
     _blob(lesions, py, px, sig, sig * rng.uniform(1.0, 2.0), amp * texture, rng.uniform(0, 3.2))

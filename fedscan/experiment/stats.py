@@ -137,7 +137,7 @@ def arm_statistic(
     thresholds: Mapping[str, float | np.ndarray],
     pairs: Sequence[tuple[str, str]],
     keys: Sequence[str] = ("accuracy", "auc", "sensitivity", "specificity"),
-) -> Callable[[np.ndarray], dict[str, float]]:
+) -> Callable[[list[np.ndarray]], dict[str, float]]:
     """A bootstrap statistic over slice indices for several arms and paired differences.
 
     ``probs[arm]``: P(covid) per slice; ``thresholds[arm]``: its operating threshold (0.5 =

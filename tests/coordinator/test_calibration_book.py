@@ -58,3 +58,27 @@ def test_reports_from_three_nodes_give_the_pooled_operating_point(tmp_path: Path
     assert meta["fedscan.calibration_version"] == "2"
     assert float(meta["fedscan.threshold"]) == float(f"{expected.threshold:.6g}")
     assert book.metadata_for(2) is None  # nothing earlier than v2 was reported
+
+
+def test_onnx_artifacts_export_with_the_fitted_point(tmp_path: Path) -> None:
+    """The coordinator's ONNX artifacts ask the book by default: version 1's export gets the
+    operating point fitted from the nodes' reports on version 0."""
+    from coordinator.onnx_artifact import OnnxArtifacts
+
+    state = State(tmp_path / "coord")
+    logits, y = _node_data(5, 80)
+    m = classification_metrics(y, logits.argmax(1), None)
+    report = eval_report(1, "node-a", 0, m, calibration_stats(logits, y).to_dict())
+    store_eval_report(state, parse_topic(eval_topic("fed", 1, "node-a")), report.to_bytes())
+    seen: dict[int, object] = {}
+
+    def exporter(weights, out, version, center, width, extra):  # type: ignore[no-untyped-def]
+        seen[version] = extra
+        out.write_bytes(b"onnx")
+        return out
+
+    artifacts = OnnxArtifacts(state, exporter=exporter)
+    assert artifacts.ensure(1) is not None
+    extra = seen[1]
+    assert isinstance(extra, dict) and extra["fedscan.calibration_version"] == "0"
+    assert 0 < float(extra["fedscan.threshold"]) < 1
