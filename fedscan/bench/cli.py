@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "federation": ("fedscan.bench.federation", "rounds over a real broker"),
     "dp": ("fedscan.bench.dp", "accuracy cost of differential privacy on updates (UCSD)"),
     "series-rule": ("fedscan.bench.series_rule", "series verdict rules judged per patient (UCSD)"),
+    "dicom": ("fedscan.bench.dicom", "C-STORE receive vs DCMTK storescp, series to SR at a PACS"),
 }
 
 

@@ -129,6 +129,7 @@ class RecordingScp:
         self.statuses = list(statuses or [])
         self.folder = folder
         self.received: list[tuple[str, str, float]] = []
+        self.sop_classes: list[str] = []  # SOP Class UID of each received object, same order
         self.answers: list[int] = []
         self._lock = threading.Lock()
         self._server: Any = None
@@ -143,6 +144,7 @@ class RecordingScp:
                 self.received.append(
                     (str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID), time.time())
                 )
+                self.sop_classes.append(str(ds.SOPClassUID))
                 if self.folder is not None:
                     self.folder.mkdir(parents=True, exist_ok=True)
                     (self.folder / f"{len(self.received):05d}.dcm").write_bytes(data)
