@@ -84,9 +84,10 @@ def build_results(
     models: list[ModelEval] = []
     epochs = c.rounds * c.local_epochs
     for node, weights in local.items():
-        m, roc = ev.score(weights, test)
+        m, roc, cal = ev.score_with_calibration(weights, test, local_operating_point(weights))
         models.append(ModelEval(
             name=f"{node} local-only", kind="local", node=node, metrics=m, roc=roc,
+            calibration=cal,
             description=(
                 f"trained on {node}'s own labels only (fedscan node train), from the same "
                 f"random initial weights as global v0, for {epochs} epoch(s) = rounds x "
@@ -95,15 +96,24 @@ def build_results(
             ),
         ))  # fmt: skip
     points: list[RoundPoint] = []
-    final_eval: ModelEval | None = None
     accepted = {int(s["version_out"]): len(s["accepted"]) for s in summaries
                 if s["version_out"] is not None}  # fmt: skip
-    weighted = {}
+    weighted: dict[int, float] = {}
     for s in summaries:
-        if s["weighted"]:
-            weighted[int(s["version_in"])] = s["weighted"].get("accuracy")
+        if s["weighted"] and s["weighted"].get("accuracy") is not None:
+            weighted[int(s["version_in"])] = float(s["weighted"]["accuracy"])
+    for r in metrics_rows:  # reports on the last version (sent after the last round)
+        if r.model_version not in weighted and r.model_version in paths:
+            rows_v = [x for x in metrics_rows if x.model_version == r.model_version]
+            n = sum(x.n_val for x in rows_v)
+            if n:
+                weighted[r.model_version] = (
+                    sum(float(x.metrics.get("accuracy", 0.0)) * x.n_val for x in rows_v) / n
+                )
+    scored: dict[int, tuple[Any, Any]] = {}
     for version in sorted(paths):
         m, roc = ev.score(paths[version], test)
+        scored[version] = (m, roc)
         reported = {
             r.node: float(r.metrics["accuracy"])
             for r in metrics_rows
@@ -111,17 +121,10 @@ def build_results(
         }
         points.append(RoundPoint(version, version, m.accuracy, reported,
                                  weighted.get(version), accepted.get(version, 0)))  # fmt: skip
-        if version == max(paths):
-            final_eval = ModelEval(
-                name=f"global v{version} (FedAvg)", kind="global", metrics=m, roc=roc,
-                description=(
-                    f"the federation's final model: {len(points) - 1} round(s) of FedAvg "
-                    f"over MQTT, every hospital training {c.local_epochs} epoch(s) per round "
-                    "from the current global model"
-                ),
-            )  # fmt: skip
-    if final_eval is not None:
-        models.append(final_eval)
+    if paths:
+        last = max(paths)
+        chosen = select_version(weighted, list(paths))
+        models += _global_models(c, paths, chosen, last, coordinator_state, test, len(points))
     notes = (
         "Every model is scored on the same held-out test set: slices of patients that no "
         "node ever had a label for (they reached the inboxes unlabelled, and were only "
@@ -152,3 +155,59 @@ def build_results(
         notes=notes,
         extra_tables={LIVE_TABLE: live},
     )
+
+
+def local_operating_point(weights: Path) -> dict[str, Any] | None:
+    """The operating point ``fedscan node train`` fitted on the hospital's own validation
+    patients (``result.json`` beside the weights), or None."""
+    from edge_node.errors import TrainingError
+    from edge_node.train_job import RESULT_FILE, TrainResult
+
+    try:
+        return TrainResult.load(weights.parent / RESULT_FILE).operating_point
+    except TrainingError:
+        return None
+
+
+def select_version(weighted: dict[int, float], versions: list[int]) -> int:
+    """The global version with the best validation accuracy the nodes reported (weighted by
+    their validation sizes; ties: the later); the last version when none was reported on."""
+    candidates = [(acc, v) for v, acc in weighted.items() if v in versions and v > 0]
+    return max(candidates)[1] if candidates else max(versions)
+
+
+def _global_models(
+    c: DemoConfig,
+    paths: dict[int, Path],
+    chosen: int,
+    last: int,
+    coordinator_state: Path,
+    test: Any,
+    n_points: int,
+) -> list[ModelEval]:
+    """The global model chosen on validation (and the last version when that differs)."""
+    from coordinator.calibration import CalibrationBook
+
+    book = CalibrationBook(coordinator_state)
+    out = []
+    for version in sorted({chosen, last}):
+        op = book.operating_point(version)
+        m, roc, cal = ev.score_with_calibration(
+            paths[version], test, None if op is None else op.to_dict()
+        )
+        how = (
+            "chosen on validation: the version with the best accuracy the nodes reported on "
+            "their local validation patients (weighted by their sizes), not the test set"
+            if version == chosen
+            else "the last version (shown for comparison; not chosen on validation)"
+        )
+        out.append(ModelEval(
+            name=f"global v{version} (FedAvg)" + (", chosen" if version == chosen else ", last"),
+            kind="global" if version == chosen else "other", metrics=m, roc=roc,
+            calibration=cal,
+            description=(
+                f"{how}; {n_points - 1} round(s) of FedAvg over MQTT, every hospital training "
+                f"{c.local_epochs} epoch(s) per round from the current global model"
+            ),
+        ))  # fmt: skip
+    return out

@@ -2,7 +2,8 @@
 
 The folder gets ``index.html`` (self-contained: inline CSS, PNGs referenced relatively),
 ``results.json`` (the input, re-loadable with ``ReportResults.from_dict``),
-``accuracy_per_round.png``, ``roc.png`` and ``confusion_<i>.png`` per model.
+``accuracy_per_round.png``, ``roc.png``, ``reliability.png`` (when the models carry
+calibration figures) and ``confusion_<i>.png`` per model.
 """
 
 from __future__ import annotations
@@ -51,12 +52,21 @@ def write_report(out_dir: str | Path, results: ReportResults) -> Path:
     roc = None
     if any(m.roc is not None for m in results.models):
         roc = charts.roc_curves(results.models, out / "roc.png").name
+    reliability = None
+    if any((m.calibration or {}).get("reliability") for m in results.models):
+        reliability = charts.reliability_curves(results.models, out / "reliability.png").name
     confusions = [
         (charts.confusion_matrix(m, out / f"confusion_{i}.png").name, m.name)
         for i, m in enumerate(results.models)
     ]
     _write_text(out / "results.json", json.dumps(results.to_dict(), indent=1) + "\n")
-    page = render(results, accuracy_png=accuracy, roc_png=roc, confusion_pngs=confusions)
+    page = render(
+        results,
+        accuracy_png=accuracy,
+        roc_png=roc,
+        confusion_pngs=confusions,
+        reliability_png=reliability,
+    )
     index = out / "index.html"
     _write_text(index, page)
     return index

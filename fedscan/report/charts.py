@@ -4,6 +4,7 @@
   evaluations of the global model they received (local validation scans, over MQTT);
 - ``confusion_matrix``: one model's ``[[tn, fp], [fn, tp]]`` with counts and row percentages;
 - ``roc_curves``: every model's ROC curve on the test set, with its AUC.
+- ``reliability_curves``: every model's reliability diagram (calibration) with its ECE.
 """
 
 from __future__ import annotations
@@ -100,4 +101,38 @@ def roc_curves(models: Sequence[ModelEval], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def reliability_curves(models: Sequence[ModelEval], path: Path) -> Path:
+    """Reliability diagram: per bin of P(covid), the covid fraction against the mean P(covid),
+    solid after the temperature fitted on validation, dotted as the softmax gives it."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
+    drawn = 0
+    for m in models:
+        c = m.calibration or {}
+        curves = (("reliability", "ece", True), ("reliability_calibrated", "ece_calibrated", False))
+        for key, ece_key, dotted in curves:
+            bins = c.get(key)
+            if not bins:
+                continue
+            xs = [b["mean_p"] for b in bins]
+            ys = [b["frac_covid"] for b in bins]
+            ece = c.get(ece_key)
+            tag = "softmax" if dotted else "after T"
+            label = f"{m.name}, {tag}" + (f" (ECE {100 * ece:.1f}%)" if ece is not None else "")
+            style: dict[str, Any] = {"linewidth": 2.2 if m.kind == "global" else 1.2,
+                                     "linestyle": ":" if dotted else "-", "marker": "o",
+                                     "markersize": 3}  # fmt: skip
+            ax.plot(xs, ys, label=label, **style)
+            drawn += 1
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("mean predicted P(covid) in the bin")
+    ax.set_ylabel("fraction of covid slices in the bin")
+    ax.set_title("Reliability on the held-out test set")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=6, loc="upper left")
     return _save(fig, path)

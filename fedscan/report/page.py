@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedscan.report.results import ReportResults, RoundPoint
+from fedscan.report.results import ModelEval, ReportResults, RoundPoint
 from fedscan.report.table import header, rows
 
 CSS = """
@@ -90,6 +90,21 @@ def _paper_table(results: ReportResults) -> str:
     return f'<table id="paper-table"><tr>{head}</tr>{"".join(body)}</table>'
 
 
+def _op_record(m: ModelEval) -> dict[str, Any]:
+    c = m.calibration or {}
+    op = c.get("operating_point") or {}
+    cal = c.get("calibrated") or {}
+    return {
+        "temperature": f"{op.get('temperature', float('nan')):.3g}",
+        "threshold": f"{op.get('threshold', float('nan')):.3f}",
+        "uncertain band": f"±{op.get('uncertain_band', float('nan')):.2f}",
+        "fitted on (validation slices)": op.get("n_val"),
+        "test sensitivity %": _pct(cal.get("sensitivity")),
+        "test specificity %": _pct(cal.get("specificity")),
+        "test slices shown uncertain": c.get("uncertain"),
+    }
+
+
 def _figure(src: str, caption: str, width: int | None = None) -> str:
     w = f' width="{width}"' if width else ""
     return (
@@ -104,6 +119,7 @@ def render(
     accuracy_png: str | None,
     roc_png: str | None,
     confusion_pngs: Sequence[tuple[str, str]],
+    reliability_png: str | None = None,
 ) -> str:
     """The whole page; image paths are relative to the page."""
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(results.generated_at))
@@ -135,6 +151,22 @@ def render(
             parts.append(_records_table([_round_record(r) for r in results.rounds]))
     if roc_png:
         parts += ["<h2>ROC curves</h2>", _figure(roc_png, "ROC curves", 520)]
+    if reliability_png:
+        parts += [
+            "<h2>Calibration</h2>",
+            "<p>Reliability of P(covid) on the test set (ECE: expected calibration error over 10 "
+            "bins). Operating points (temperature, threshold, uncertain band) were fitted on "
+            "validation data only: a hospital's own validation patients for its local-only "
+            "model, the nodes' summed validation statistics for the global model.</p>",
+            _figure(reliability_png, "reliability diagram", 520),
+        ]
+        ops = [
+            {"model": m.name, **_op_record(m)}
+            for m in results.models
+            if (m.calibration or {}).get("operating_point")
+        ]
+        if ops:
+            parts.append(_records_table(ops))
     if confusion_pngs:
         parts.append("<h2>Confusion matrices</h2>")
         figs = "".join(_figure(src, name, 300) for src, name in confusion_pngs)

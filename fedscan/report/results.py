@@ -27,6 +27,12 @@ class ModelEval:
     roc: RocCurve | None = None  # None when no scores (or one class only)
     node: str | None = None  # the hospital a local model belongs to
     description: str = ""  # how the model was made (shown under the table)
+    # calibration on the test set: "ece" (P(covid) as the softmax gives it), "reliability"
+    # (bins: mean_p, frac_covid, n), and with an operating point fitted on validation data
+    # ("operating_point": temperature / threshold / uncertain_band ...) "ece_calibrated",
+    # "reliability_calibrated", "calibrated" (metrics at that threshold) and "uncertain"
+    # (test slices inside the band); None when not measured
+    calibration: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -42,6 +48,7 @@ class ModelEval:
             "description": self.description,
             "metrics": self.metrics.to_dict(),
             "roc": None if self.roc is None else self.roc.to_dict(),
+            "calibration": None if self.calibration is None else dict(self.calibration),
         }
 
     @classmethod
@@ -53,6 +60,7 @@ class ModelEval:
             node=d.get("node"),
             description=str(d.get("description", "")),
             metrics=Metrics.from_dict(d["metrics"]),
+            calibration=d.get("calibration"),
             roc=None
             if roc is None
             else RocCurve(

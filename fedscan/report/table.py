@@ -1,4 +1,6 @@
-"""The paper's table as text: one row per model, accuracy, precision, recall, specificity, F1."""
+"""The paper's table as text: one row per model, accuracy, precision, recall, specificity, F1,
+AUC (argmax decision), then calibration: ECE of the softmax probability, and the accuracy and
+ECE with the temperature and threshold fitted on validation data (``-`` when not measured)."""
 
 from __future__ import annotations
 
@@ -20,17 +22,35 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100.0 * value:.1f}"
 
 
+def _calibration_cells(m: ModelEval) -> list[str]:
+    """ECE at the softmax, then accuracy and ECE at the operating point fitted on validation."""
+    c = m.calibration or {}
+    cal = c.get("calibrated") or {}
+    return [_pct(c.get("ece")), _pct(cal.get("accuracy")), _pct(c.get("ece_calibrated"))]
+
+
 def rows(models: Sequence[ModelEval]) -> list[list[str]]:
-    """Cells per model: name, the metrics in percent, and the test set size."""
+    """Cells per model: name, the metrics in percent, calibration, and the test set size."""
     out = []
     for m in models:
         d = m.metrics.to_dict()
-        out.append([m.name, *(_pct(d[key]) for key, _ in COLUMNS), str(m.metrics.n)])
+        out.append(
+            [
+                m.name,
+                *(_pct(d[key]) for key, _ in COLUMNS),
+                *_calibration_cells(m),
+                str(m.metrics.n),
+            ]
+        )
     return out
 
 
+CALIBRATION_HEADER = ("ECE %", "Accuracy at fitted threshold %", "ECE after T %")
+
+
 def header() -> list[str]:
-    return ["Model", *(title + " %" for _, title in COLUMNS[:-1]), "AUC %", "n"]
+    return ["Model", *(title + " %" for _, title in COLUMNS[:-1]), "AUC %", *CALIBRATION_HEADER,
+            "n"]  # fmt: skip
 
 
 def markdown_table(models: Sequence[ModelEval]) -> str:

@@ -94,3 +94,28 @@ def test_rerendering_with_fewer_models_leaves_no_stray_charts(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.glob("confusion_*.png")) == ["confusion_0.png"]
     assert "random init" not in page and "initial weights: hub" in page
     assert "Accuracy per round" not in page
+
+
+def test_calibration_is_shown_next_to_accuracy(tmp_path: Path) -> None:
+    """A model with calibration figures from the demo's scorer (an operating point fitted on
+    validation): the table gets ECE and the accuracy at the fitted threshold, the page a
+    reliability diagram and the operating point, and results.json keeps them."""
+    from dataclasses import replace
+
+    from fedscan.demo.evaluate import calibration_figures
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 80)
+    logits = np.stack([np.zeros(80), 4.0 * (y - 0.5) + rng.normal(0, 2.0, 80)], axis=1)
+    op = {"temperature": 2.0, "threshold": 0.45, "uncertain_band": 0.1, "n_val": 30}
+    cal = calibration_figures(logits, y, op)
+    assert 0 <= cal["ece"] <= 1 and cal["calibrated"]["n"] == 80 and cal["uncertain"] >= 0
+    results = _results()
+    results = replace(results, models=[replace(results.models[2], calibration=cal)])
+    index = write_report(tmp_path / "r", results)
+    page = index.read_text()
+    assert (tmp_path / "r" / "reliability.png").is_file() and "reliability.png" in page
+    assert "ECE %" in page and "Accuracy at fitted threshold %" in page
+    assert f"{100 * cal['calibrated']['accuracy']:.1f}" in page and "0.450" in page
+    saved = ReportResults.from_dict(json.loads((tmp_path / "r" / "results.json").read_text()))
+    assert saved.models[0].calibration == json.loads(json.dumps(cal))
