@@ -219,9 +219,10 @@ class NodeApi:
         img = img.resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, "PNG", optimize=True)
-        self.thumbs.mkdir(parents=True, exist_ok=True)
+        self.thumbs.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = cached.with_name(f".{pred_id}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(buf.getvalue())
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(buf.getvalue())  # a slice of a patient: owner-only, whatever the umask
         tmp.replace(cached)
         return buf.getvalue()
 
@@ -283,6 +284,9 @@ class NodeApi:
         who = data.get("who") or "api"
         if not isinstance(who, str):
             return _error(400, "who must be a string")
+        frame = data.get("frame")  # optional: one frame of a multi-frame file
+        if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int)):
+            return _error(400, "frame must be an integer (or absent: the whole file)")
         try:
             from edge_node.labels import LabelBook
         except ImportError:
@@ -292,7 +296,13 @@ class NodeApi:
             book = LabelBook(self.node.config.paths.database)
             try:
                 return bool(
-                    book.set(data["sop_instance_uid"], data["label"], who=str(who), source="api")
+                    book.set(
+                        data["sop_instance_uid"],
+                        data["label"],
+                        who=str(who),
+                        source="api",
+                        frame=frame,
+                    )
                 )
             finally:
                 book.close()

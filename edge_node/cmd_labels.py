@@ -1,8 +1,8 @@
 """`fedscan node label` (record labels) and `fedscan node labels` (list label counts).
 
-    fedscan node label --config node.toml --path FILE --label covid [--who NAME]
-    fedscan node label --config node.toml --sop UID --label non_covid
-    fedscan node label --config node.toml --csv labels.csv
+    fedscan node label --config node.toml --path FILE --label covid [--frame N] [--who NAME]
+    fedscan node label --config node.toml --sop UID --label non_covid [--frame N]
+    fedscan node label --config node.toml --csv labels.csv  # label, sop_instance_uid/path, frame
     fedscan node label --config node.toml --folder      # <inbox>/labelled/{covid,non_covid}/
     fedscan node labels --config node.toml [--json]
 
@@ -45,8 +45,10 @@ def _run_label(args: argparse.Namespace) -> int:
     who = args.who or default_who()
     with LabelBook(config.paths.database) as book:
         if args.csv or args.folder:
-            if args.label:
-                raise LabelError("--label goes with --sop or --path, not with --csv / --folder")
+            if args.label or args.frame is not None:
+                raise LabelError(
+                    "--label and --frame go with --sop or --path, not with --csv / --folder"
+                )
             if args.csv:
                 report = book.import_csv(Path(args.csv), who=who)
                 noun = "row"
@@ -66,12 +68,18 @@ def _run_label(args: argparse.Namespace) -> int:
                 raise LabelError(f"file not found: {args.path}")
             uid, patient_key = slice_identity(path)
             changed = book.set(
-                uid, args.label, who=who, source="cli", path=path, patient_key=patient_key
+                uid,
+                args.label,
+                who=who,
+                source="cli",
+                path=path,
+                patient_key=patient_key,
+                frame=args.frame,
             )
         else:
             uid = args.sop
-            changed = book.set(uid, args.label, who=who, source="cli")
-        record = book.get(uid)
+            changed = book.set(uid, args.label, who=who, source="cli", frame=args.frame)
+        record = book.get(uid, args.frame)
     label = record.label if record else args.label
     _print(
         {"changed": changed, "label": label},
@@ -127,6 +135,12 @@ def add_subcommands(node_sub: Any) -> None:
         "--folder", action="store_true", help="ingest <inbox>/labelled/{covid,non_covid}/"
     )
     p.add_argument("--label", help="covid or non_covid (with --sop / --path)")
+    p.add_argument(
+        "--frame",
+        type=int,
+        metavar="N",
+        help="label frame N (from 0) of a multi-frame file only (default: the whole file)",
+    )
     p.add_argument("--who", help="author of the label (default: the OS user)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run_label)

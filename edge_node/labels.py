@@ -1,12 +1,18 @@
-"""Radiologist labels (covid / non_covid per SOPInstanceUID), with who and when, and history.
+"""Radiologist labels (covid / non_covid per SOPInstanceUID and frame), who, when, history.
 
 Stored in the node's SQLite file (WAL) next to the store's ``files`` and ``predictions`` tables,
-in ``labels`` (the current label of each slice) and ``label_history`` (every change, oldest
-first). Four ways in, all ending in :meth:`LabelBook.set`:
+in ``labels`` (the current labels) and ``label_history`` (every change, oldest first). A label
+is keyed by (sop_instance_uid, frame): ``frame`` NULL labels the whole file (every frame), a
+frame number labels that frame of a multi-frame file only. One file has either one whole-file
+row or one row per frame, never both: labelling one frame of a file labelled as a whole splits
+the file's label into per-frame rows (same who/when) and changes that frame, and labelling the
+whole file again replaces the frame rows. A single-frame file's frame 0 is the whole file.
+Databases from before frames are migrated on open (their labels become whole-file labels).
+Four ways in, all ending in :meth:`LabelBook.set`:
 
 - the folder convention: DICOM files under ``<inbox>/labelled/covid/`` and
   ``<inbox>/labelled/non_covid/`` (:meth:`LabelBook.ingest_folder`, source ``folder``);
-- a CSV file with ``label`` and ``sop_instance_uid`` or ``path`` columns
+- a CSV file with ``label`` and ``sop_instance_uid`` or ``path`` columns, optionally ``frame``
   (:meth:`LabelBook.import_csv`, source ``csv``);
 - the local HTTP API and the page's label buttons (source ``api``);
 - ``fedscan node label`` (source ``cli``).
@@ -38,9 +44,11 @@ LABELS: tuple[str, ...] = ("non_covid", "covid")  # index = class id (CONTRACTS.
 SOURCES: tuple[str, ...] = ("folder", "csv", "api", "cli")
 LABELLED_DIR = "labelled"  # <inbox>/labelled/<label>/...
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (
-    sop_instance_uid TEXT PRIMARY KEY,
+LABELS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    frame INTEGER CHECK(frame IS NULL OR frame >= 0),  -- NULL: the whole file
     label TEXT NOT NULL CHECK(label IN ('covid','non_covid')),
     path TEXT,
     patient_key TEXT,
@@ -48,6 +56,11 @@ CREATE TABLE IF NOT EXISTS labels (
     source TEXT NOT NULL,
     at REAL NOT NULL
 );
+"""
+SCHEMA = (
+    LABELS_TABLE.format(name="labels")
+    + """
+CREATE UNIQUE INDEX IF NOT EXISTS labels_key ON labels(sop_instance_uid, IFNULL(frame, -1));
 CREATE INDEX IF NOT EXISTS labels_at ON labels(at);
 CREATE INDEX IF NOT EXISTS labels_path ON labels(path);
 CREATE TABLE IF NOT EXISTS label_history (
@@ -57,10 +70,14 @@ CREATE TABLE IF NOT EXISTS label_history (
     previous TEXT,
     who TEXT NOT NULL,
     source TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    frame INTEGER
 );
 CREATE INDEX IF NOT EXISTS label_history_uid ON label_history(sop_instance_uid);
 """
+)
+_RECORD_COLS = "sop_instance_uid, label, path, patient_key, who, source, at, frame"
+MAX_FRAME = 100_000  # a frame number past this is a typo, not a frame
 
 _ALIASES = {"covid": "covid", "non_covid": "non_covid", "noncovid": "non_covid"}
 # Field bounds: every way in (API, CSV, CLI) is refused past them, so a label row stays small.
@@ -108,6 +125,7 @@ class LabelRecord:
     who: str
     source: str
     at: float
+    frame: int | None = None  # None: the whole file (every frame); else that frame only
 
     @property
     def class_id(self) -> int:
@@ -124,6 +142,7 @@ class HistoryEntry:
     who: str
     source: str
     at: float
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,12 +172,42 @@ class LabelBook:
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA busy_timeout=30000")
+            self._migrate()
             self._conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open label database {self.db_path}: {exc}") from exc
 
     def close(self) -> None:
         self._conn.close()
+
+    def _columns(self, table: str) -> set[str]:
+        return {str(r[1]) for r in self._conn.execute(f"PRAGMA table_info({table})")}
+
+    def _migrate(self) -> None:
+        """Labels tables from before frame labels: every label becomes a whole-file label.
+
+        One transaction (other processes wait on the lock, then find the new table): copy into
+        the new table, drop the old, rename; history gains a NULL ``frame`` column."""
+        if "frame" in self._columns("labels") or not self._columns("labels"):
+            if self._columns("label_history") and "frame" not in self._columns("label_history"):
+                with self._tx() as conn:
+                    if "frame" not in self._columns("label_history"):
+                        conn.execute("ALTER TABLE label_history ADD COLUMN frame INTEGER")
+            return
+        with self._tx() as conn:
+            if "frame" in self._columns("labels"):
+                return  # another process migrated it meanwhile
+            conn.execute(LABELS_TABLE.format(name="labels_v2"))
+            conn.execute(
+                "INSERT INTO labels_v2 (sop_instance_uid, frame, label, path, patient_key, who,"
+                " source, at) SELECT sop_instance_uid, NULL, label, path, patient_key, who,"
+                " source, at FROM labels"
+            )
+            conn.execute("DROP TABLE labels")
+            conn.execute("ALTER TABLE labels_v2 RENAME TO labels")
+            if self._columns("label_history") and "frame" not in self._columns("label_history"):
+                conn.execute("ALTER TABLE label_history ADD COLUMN frame INTEGER")
+        log.info("label database migrated to per-frame labels (existing labels: whole files)")
 
     def __enter__(self) -> LabelBook:
         return self
@@ -211,12 +260,15 @@ class LabelBook:
         source: str,
         path: str | Path | None = None,
         patient_key: str | None = None,
+        frame: int | None = None,
     ) -> bool:
-        """Record ``label`` for a slice; returns False when it already had that label.
+        """Record ``label`` for a slice (``frame`` None: the whole file; else that frame only);
+        returns False when it already had that label.
 
         A slice the node has never seen (not in ``predictions`` or ``files``) needs ``path``;
         a missing ``patient_key`` is read from the file header. A different label is a relabel:
-        the row is replaced and the change appended to ``label_history``.
+        the row is replaced and the change appended to ``label_history``. A frame past the
+        file's last frame is refused (LabelError).
         """
         label = normalize_label(label)
         if source not in SOURCES:
@@ -227,7 +279,12 @@ class LabelBook:
             raise LabelError("a label needs an author (who)")
         check_text("sop_instance_uid", sop_instance_uid, MAX_UID_CHARS)
         check_text("who", who, MAX_WHO_CHARS)
-        current = self.get(sop_instance_uid)
+        if frame is not None and (
+            isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame <= MAX_FRAME
+        ):
+            raise LabelError(f"frame must be an integer in 0..{MAX_FRAME}")
+        rows = self.records_of(sop_instance_uid)
+        current = rows[0] if rows else None
         path_s = str(path) if path is not None else None
         if path_s is None:
             path_s, known_key = self.locate(sop_instance_uid)
@@ -243,8 +300,25 @@ class LabelBook:
             patient_key = current.patient_key
         if patient_key is None:
             patient_key = _patient_key_of(Path(path_s))
-        if current is not None and current.label == label:
-            if current.path != path_s or current.patient_key != patient_key:
+        n_frames = 1
+        if frame is not None or len(rows) > 1:
+            n_frames = self._n_frames(sop_instance_uid, Path(path_s))
+        if frame is not None and frame >= n_frames:
+            raise LabelError(f"unknown frame {frame}: the file has {n_frames} frame(s)")
+        if frame is not None and n_frames == 1:
+            frame = None  # frame 0 of a single-frame file is the file
+        whole = next((r for r in rows if r.frame is None), None)
+        if frame is None:
+            unchanged = whole is not None and len(rows) == 1 and whole.label == label
+            previous = _uniform(rows)
+        else:
+            mine = next((r for r in rows if r.frame == frame), whole)
+            unchanged = mine is not None and mine.label == label
+            previous = mine.label if mine is not None else None
+        if unchanged:
+            if current is not None and (
+                current.path != path_s or current.patient_key != patient_key
+            ):
                 with self._tx() as conn:
                     conn.execute(
                         "UPDATE labels SET path = ?, patient_key = ? WHERE sop_instance_uid = ?",
@@ -252,37 +326,95 @@ class LabelBook:
                     )
             return False
         now = time.time()
+        insert = (
+            "INSERT OR REPLACE INTO labels "
+            "(sop_instance_uid, frame, label, path, patient_key, who, source, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
         with self._tx() as conn:
+            if frame is None:
+                conn.execute("DELETE FROM labels WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            elif whole is not None:
+                # split the whole-file label: the other frames keep it, with its who and when
+                conn.execute(
+                    "DELETE FROM labels WHERE sop_instance_uid = ? AND frame IS NULL",
+                    (sop_instance_uid,),
+                )
+                for i in range(n_frames):
+                    if i != frame:
+                        conn.execute(
+                            insert,
+                            (sop_instance_uid, i, whole.label, path_s, patient_key,
+                             whole.who, whole.source, whole.at),
+                        )  # fmt: skip
             conn.execute(
-                "INSERT OR REPLACE INTO labels "
-                "(sop_instance_uid, label, path, patient_key, who, source, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, label, path_s, patient_key, who, source, now),
+                insert, (sop_instance_uid, frame, label, path_s, patient_key, who, source, now)
             )
             conn.execute(
-                "INSERT INTO label_history (sop_instance_uid, label, previous, who, source, at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, label, current.label if current else None, who, source, now),
+                "INSERT INTO label_history"
+                " (sop_instance_uid, frame, label, previous, who, source, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sop_instance_uid, frame, label, previous, who, source, now),
             )
         return True
 
+    def _n_frames(self, sop_instance_uid: str, path: Path) -> int:
+        """Frames of the file holding ``sop_instance_uid``: stored outcome, else its header."""
+        rows = self._rows(
+            "SELECT n_frames FROM files WHERE sop_instance_uid = ? AND n_frames IS NOT NULL"
+            " ORDER BY updated_at DESC LIMIT 1",
+            (sop_instance_uid,),
+        )
+        if rows:
+            return max(1, int(rows[0]["n_frames"]))
+        rows = self._rows(
+            "SELECT MAX(frame) AS last FROM predictions WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        if rows and rows[0]["last"] is not None:
+            return int(rows[0]["last"]) + 1
+        from edge_node.preprocess import read_meta  # torch-free; imported late
+
+        try:
+            return max(1, int(read_meta(path).n_frames))
+        except (InputError, OSError) as exc:
+            raise LabelError("cannot tell how many frames the file has (give its path)") from exc
+
     # -- reads ----------------------------------------------------------------------------
 
-    def get(self, sop_instance_uid: str) -> LabelRecord | None:
-        rows = self._rows("SELECT * FROM labels WHERE sop_instance_uid = ?", (sop_instance_uid,))
-        return _record(rows[0]) if rows else None
+    def get(self, sop_instance_uid: str, frame: int | None = None) -> LabelRecord | None:
+        """The label of the file (``frame`` None) or of one frame: its own row, else the
+        file's whole-file label."""
+        for rec in self.records_of(sop_instance_uid):
+            if rec.frame == frame:
+                return rec
+        if frame is None:
+            return None
+        return next((r for r in self.records_of(sop_instance_uid) if r.frame is None), None)
+
+    def records_of(self, sop_instance_uid: str) -> list[LabelRecord]:
+        """The file's rows: one whole-file row, or one per labelled frame (by frame)."""
+        rows = self._rows(
+            f"SELECT {_RECORD_COLS} FROM labels WHERE sop_instance_uid = ?"
+            " ORDER BY IFNULL(frame, -1)",
+            (sop_instance_uid,),
+        )
+        return [_record(r) for r in rows]
 
     def history(self, sop_instance_uid: str) -> list[HistoryEntry]:
         rows = self._rows(
-            "SELECT sop_instance_uid, label, previous, who, source, at FROM label_history "
+            "SELECT sop_instance_uid, label, previous, who, source, at, frame FROM label_history "
             "WHERE sop_instance_uid = ? ORDER BY id",
             (sop_instance_uid,),
         )
         return [HistoryEntry(**dict(r)) for r in rows]
 
     def all(self) -> list[LabelRecord]:
-        """Every current label, in a stable order (by UID)."""
-        return [_record(r) for r in self._rows("SELECT * FROM labels ORDER BY sop_instance_uid")]
+        """Every current label, in a stable order (by UID, then frame)."""
+        rows = self._rows(
+            f"SELECT {_RECORD_COLS} FROM labels ORDER BY sop_instance_uid, IFNULL(frame, -1)"
+        )
+        return [_record(r) for r in rows]
 
     def count_since(self, ts: float) -> int:
         """Labels given or changed after ``ts`` (seconds since the epoch)."""
@@ -333,9 +465,9 @@ class LabelBook:
                 except InputError as exc:
                     problems.append((item, f"not a usable DICOM file ({exc.reason})"))
                     continue
-                current = self.get(uid)
-                if current is not None and current.source != "folder":
-                    if current.label != label:
+                by_person = [r for r in self.records_of(uid) if r.source != "folder"]
+                if by_person:  # a person labelled the file (or some of its frames) otherwise
+                    if any(r.label != label for r in by_person):
                         kept += 1
                     else:
                         unchanged += 1
@@ -393,6 +525,12 @@ class LabelBook:
         label = normalize_label(row.get("label", ""))
         uid = row.get("sop_instance_uid", "")
         path_text = row.get("path", "")
+        frame_text = row.get("frame", "")
+        frame: int | None = None
+        if frame_text:
+            if not frame_text.isdigit():
+                raise LabelError("frame must be a frame number (0, 1, ...) or empty")
+            frame = int(frame_text)
         if path_text:
             path = Path(path_text).expanduser()
             path = path if path.is_absolute() else base / path
@@ -402,11 +540,17 @@ class LabelBook:
             if uid and uid != file_uid:
                 raise LabelError("sop_instance_uid does not match the file's")
             return self.set(
-                file_uid, label, who=who, source="csv", path=path, patient_key=patient_key
+                file_uid,
+                label,
+                who=who,
+                source="csv",
+                path=path,
+                patient_key=patient_key,
+                frame=frame,
             )
         if not uid:
             raise LabelError("row has neither sop_instance_uid nor path")
-        return self.set(uid, label, who=who, source="csv")
+        return self.set(uid, label, who=who, source="csv", frame=frame)
 
 
 _NOT_DICOM_SUFFIXES = frozenset({".txt", ".csv", ".json", ".md", ".png", ".jpg", ".jpeg"})
@@ -414,6 +558,12 @@ _NOT_DICOM_SUFFIXES = frozenset({".txt", ".csv", ".json", ".md", ".png", ".jpg",
 
 def _record(row: sqlite3.Row) -> LabelRecord:
     return LabelRecord(**dict(row))
+
+
+def _uniform(rows: list[LabelRecord]) -> str | None:
+    """The one label of ``rows`` (a file's rows), None when there are none or several."""
+    labels = {r.label for r in rows}
+    return labels.pop() if len(labels) == 1 else None
 
 
 def slice_identity(path: Path) -> tuple[str, str | None]:

@@ -446,6 +446,7 @@ class Store:
             sql = (
                 "SELECT p.*, l.label AS human_label, l.who AS labelled_by FROM predictions p"
                 " LEFT JOIN labels l ON l.sop_instance_uid = p.sop_instance_uid"
+                " AND (l.frame IS NULL OR l.frame = p.frame)"  # a file: whole-file or per-frame
                 " ORDER BY p.created_at DESC, p.id DESC LIMIT ?"
             )
         else:

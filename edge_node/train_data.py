@@ -5,7 +5,8 @@ path's own function, so train and predict see identical inputs) and cached as
 ``<cache_dir>/<key>.npz`` (float32 frames, and texture features once asked for). The key hashes
 the file's path, size, mtime and the preprocessing parameters, so a changed file or window is
 decoded again; repeated trainings only read the cache. A multi-frame file gives one sample per
-frame, all with the file's label and patient.
+frame, all with the file's label and patient; a label of one frame (``LabelRecord.frame``)
+gives that frame only.
 
 Numpy only (no torch): the trainer converts to tensors.
 """
@@ -193,6 +194,8 @@ def load_labelled(
         files += 1
         decoded += int(now)
         for i, frame in enumerate(frames):
+            if rec.frame is not None and i != rec.frame:
+                continue  # a frame label: that frame only (the others have their own rows)
             images.append(frame[None])
             labels.append(LABELS.index(rec.label))
             keys.append(rec.patient_key)

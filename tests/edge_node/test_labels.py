@@ -178,3 +178,138 @@ def test_other_process_sees_labels_through_wal(tmp_path: Path, ct) -> None:
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("SELECT label, who FROM labels").fetchall() == [("covid", "dr")]
     con.close()
+
+
+def _two_frames(tmp_path: Path) -> tuple[Path, str]:
+    from tests.helpers.dicom_factory import copy_with_new_uid
+
+    path = tmp_path / "in" / "ect.dcm"
+    return path, copy_with_new_uid(sample_path("eCT_Supplemental.dcm"), path)
+
+
+def test_labelling_one_frame_labels_that_frame_only(tmp_path: Path, ct) -> None:
+    """A two-frame Enhanced CT: frame 1 labelled covid leaves frame 0 unlabelled, and training
+    sees frame 1 only; a whole-file label then a frame relabel splits the file's label (frame 0
+    keeps it, with its author), a whole-file relabel joins it again; a frame past the end is
+    refused, and frame 0 of a single-frame file is the file."""
+    from edge_node.preprocess import PreprocessParams
+    from edge_node.train_data import load_labelled
+
+    path, uid = _two_frames(tmp_path)
+    book = LabelBook(tmp_path / "node.sqlite")
+    assert book.set(uid, "covid", who="dr_a", source="cli", path=path, frame=1) is True
+    assert [(r.frame, r.label) for r in book.all()] == [(1, "covid")]
+    assert book.get(uid, 0) is None and book.get(uid) is None
+    got = book.get(uid, 1)
+    assert got is not None and got.label == "covid"
+    samples, _report = load_labelled(book.all(), PreprocessParams(-600.0, 1500.0, 64), tmp_path)
+    assert samples.ids == (f"{uid}#1",) and list(samples.labels) == [1]
+
+    assert book.set(uid, "non_covid", who="dr_b", source="cli", path=path) is True  # whole file
+    assert [(r.frame, r.label) for r in book.all()] == [(None, "non_covid")]
+    assert book.set(uid, "covid", who="dr_c", source="api", frame=1) is True
+    rows = {r.frame: (r.label, r.who) for r in book.all()}
+    assert rows == {0: ("non_covid", "dr_b"), 1: ("covid", "dr_c")}
+    assert book.set(uid, "covid", who="dr_c", source="api", frame=1) is False  # unchanged
+    assert book.set(uid, "covid", who="dr_d", source="api") is True  # whole file again
+    assert [(r.frame, r.label, r.who) for r in book.all()] == [(None, "covid", "dr_d")]
+    history = [(h.frame, h.label, h.previous) for h in book.history(uid)]
+    assert history == [
+        (1, "covid", None),
+        (None, "non_covid", "covid"),
+        (1, "covid", "non_covid"),
+        (None, "covid", None),  # the frames differed: no single previous label
+    ]
+    with pytest.raises(LabelError, match="unknown frame 2: the file has 2 frame"):
+        book.set(uid, "covid", who="dr", source="cli", frame=2)
+    with pytest.raises(LabelError, match="frame must be an integer"):
+        book.set(uid, "covid", who="dr", source="cli", frame=-1)
+    single, suid = ct(tmp_path / "in" / "one.dcm")
+    assert book.set(suid, "covid", who="dr", source="cli", path=single, frame=0) is True
+    one = book.get(suid)
+    assert one is not None and one.frame is None
+    book.close()
+
+
+def test_a_labels_table_from_before_frames_is_migrated(tmp_path: Path, ct) -> None:
+    """An old database (labels keyed by SOPInstanceUID only) opens with its labels as
+    whole-file labels and history intact; frame labels work on it; opening again is a no-op."""
+    db = tmp_path / "node.sqlite"
+    path, uid = _two_frames(tmp_path)
+    con = sqlite3.connect(db)
+    con.executescript(
+        """
+        CREATE TABLE labels (sop_instance_uid TEXT PRIMARY KEY, label TEXT NOT NULL
+            CHECK(label IN ('covid','non_covid')), path TEXT, patient_key TEXT,
+            who TEXT NOT NULL, source TEXT NOT NULL, at REAL NOT NULL);
+        CREATE TABLE label_history (id INTEGER PRIMARY KEY, sop_instance_uid TEXT NOT NULL,
+            label TEXT NOT NULL, previous TEXT, who TEXT NOT NULL, source TEXT NOT NULL,
+            at REAL NOT NULL);
+        """
+    )
+    con.execute(
+        "INSERT INTO labels VALUES (?, 'covid', ?, 'pk', 'dr_old', 'cli', 1.0)", (uid, str(path))
+    )
+    con.execute(
+        "INSERT INTO label_history (sop_instance_uid, label, previous, who, source, at)"
+        " VALUES (?, 'covid', NULL, 'dr_old', 'cli', 1.0)",
+        (uid,),
+    )
+    con.commit()
+    con.close()
+    with LabelBook(db) as book:
+        (rec,) = book.all()
+        assert (rec.frame, rec.label, rec.who, rec.at, rec.path) == (
+            None,
+            "covid",
+            "dr_old",
+            1.0,
+            str(path),
+        )
+        assert book.set(uid, "non_covid", who="dr_new", source="cli", frame=0) is True
+        assert {r.frame: r.label for r in book.all()} == {0: "non_covid", 1: "covid"}
+        assert [(h.frame, h.who) for h in book.history(uid)] == [(None, "dr_old"), (0, "dr_new")]
+    with LabelBook(db) as book:
+        assert len(book.all()) == 2
+
+
+def test_cli_labels_one_frame_and_refuses_a_frame_past_the_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedscan node label --path F --frame 1`: one frame labelled; `--frame 5` on a two-frame
+    file exits 5 with one line."""
+    from edge_node.cmd_daemon import init_node
+    from fedscan.cli import main
+
+    toml = init_node(tmp_path / "n")
+    path, _uid = _two_frames(tmp_path)
+    base = ["node", "label", "--config", str(toml), "--path", str(path), "--label", "covid"]
+    assert main([*base, "--frame", "1", "--json"]) == 0
+    assert '"changed": true' in capsys.readouterr().out
+    assert main([*base, "--frame", "5"]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown frame 5" in err[0]
+    with LabelBook(tmp_path / "n" / "state" / "node.sqlite") as book:
+        assert [(r.frame, r.label) for r in book.all()] == [(1, "covid")]
+
+
+def test_the_page_shows_each_frame_with_its_own_label(tmp_path: Path) -> None:
+    """Two predicted frames of one file, frame 1 labelled: the recent predictions list each
+    frame once, frame 1 with its label and frame 0 without (no row doubled by the join)."""
+    db = tmp_path / "state" / "node.sqlite"
+    path, uid = _two_frames(tmp_path)
+    st = path.stat()
+    store = Store(db)
+    store.record_file(
+        FileRecord(str(path), st.st_size, st.st_mtime, uid, "predicted", None, 2),
+        [
+            PredictionRow(uid, f, "1.2", "1.3", "pk", str(path), "covid", 0.9, 0.9, "0", 1, 1, 1, 3)
+            for f in (0, 1)
+        ],
+    )
+    with LabelBook(db) as book:
+        book.set(uid, "non_covid", who="dr", source="api")
+        book.set(uid, "covid", who="dr", source="api", frame=1)
+    rows = sorted((r["frame"], r["human_label"]) for r in store.recent_predictions(10))
+    store.close()
+    assert rows == [(0, "non_covid"), (1, "covid")]

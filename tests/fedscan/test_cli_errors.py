@@ -158,7 +158,8 @@ def test_commands_that_need_the_train_extra_say_so_in_one_line(
 
 
 def test_readme_cli_block_is_the_parser() -> None:
-    """README's CLI block lists exactly the commands and help lines the parser has."""
+    """README's CLI block lists exactly the commands and help lines the parser has (after
+    adding a command, paste ``fedscan.cli.command_lines()`` under the block's first line)."""
     from fedscan.cli import command_lines
 
     readme = (REPO / "README.md").read_text()
