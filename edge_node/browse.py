@@ -184,6 +184,25 @@ class Browser:
         """True when the database tracks series (the ``studies`` and ``series`` tables)."""
         return "series" in self._tables and "studies" in self._tables
 
+    def fingerprint(self) -> str:
+        """Changes whenever a slice, series state or label changes (cheap: the page polls it
+        and fetches the study list only when it moved)."""
+        parts = [self._max("predictions", "id"), self._max("predictions", "created_at")]
+        if self.available:
+            parts += [self._max("series", "last_seen"), self._max("series", "completed_at")]
+            parts.append(self._count("series", "status = 'open'"))
+        if "labels" in self._tables:
+            parts += [self._max("labels", "at"), self._count("labels")]
+        return ":".join(str(p) for p in parts)
+
+    def _max(self, table: str, column: str) -> object:
+        if column not in self._tables.get(table, ()):
+            return None
+        return self._rows(f"SELECT MAX({column}) AS m FROM {table}")[0]["m"]
+
+    def _count(self, table: str, where: str = "1") -> int:
+        return int(self._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE {where}")[0]["n"])
+
     # -- studies ---------------------------------------------------------------------------
 
     def list_studies(self, query: StudyQuery) -> dict[str, Any]:
@@ -420,6 +439,12 @@ def list_studies(db: Store | Path | str, query: StudyQuery) -> dict[str, Any]:
     """One page of the study list (see :meth:`Browser.list_studies`)."""
     with browsing(db) as b:
         return b.list_studies(query)
+
+
+def fingerprint(db: Store | Path | str) -> str:
+    """See :meth:`Browser.fingerprint`."""
+    with browsing(db) as b:
+        return b.fingerprint()
 
 
 def series_detail(

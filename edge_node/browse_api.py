@@ -7,6 +7,7 @@
     GET  /api/images/{id}.png?size=512  the preprocessed lung-windowed slice, larger
     POST /api/series/{uid}/label        {label, who}: the label of every slice of the series
     GET  /api/model                     the model's state (untrained, calibrated, threshold)
+    GET  /api/changes                   a token that moves with the data (the page polls it)
 
 Mounted by ``edge_node.api.NodeApi`` behind its token check. Bad input gives 400 with a
 message, never 500; the queries are in ``edge_node.browse``, labels go through
@@ -103,6 +104,7 @@ class BrowseRoutes:
             Route("/", auth(self.page)),
             Route("/api/studies", auth(self.studies)),
             Route("/api/model", auth(self.model)),
+            Route("/api/changes", auth(self.changes)),
             Route("/api/series/{uid:str}", auth(self.series)),
             Route("/api/series/{uid:str}/label", auth(self.series_label), methods=["POST"]),
             Route("/api/images/{pred_id:int}.png", auth(self.image)),
@@ -119,6 +121,16 @@ class BrowseRoutes:
 
     async def model(self, request: Request) -> Response:
         return JSONResponse(model_status(self.node.holder.current()))
+
+    async def changes(self, request: Request) -> Response:
+        """A token that changes with the data or the model: the page polls it every few
+        seconds and fetches the study list only when it moved."""
+        try:
+            token = await run_in_threadpool(browse.fingerprint, self.node.store)
+        except StoreError as exc:
+            return _error(503, str(exc))
+        model = self.node.holder.current()
+        return JSONResponse({"changes": f"{token}:{model.info.sha256[:12] if model else '-'}"})
 
     async def studies(self, request: Request) -> Response:
         try:

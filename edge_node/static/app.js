@@ -626,10 +626,19 @@
   load(true);
   // New slices and completed series appear without a reload; skipped while the reader is
   // typing or a slice is open, so focus never jumps.
-  setInterval(() => {
+  // The poll asks only for a change token; the study list is fetched when it moved.
+  let lastChanges = null;
+  setInterval(async () => {
     if (viewer.open || document.hidden) return;
     const active = document.activeElement;
     if (active && $("filters").contains(active) && active.tagName !== "BUTTON") return;
+    try {
+      const { changes } = await api(withToken("/api/changes"));
+      if (lastChanges !== null && changes === lastChanges) return;
+      lastChanges = changes;
+    } catch (err) {
+      // the node may be restarting: try the list itself, which reports the error
+    }
     load(false);
   }, 5000);
 })();

@@ -372,3 +372,42 @@ def test_larger_render_is_the_lung_windowed_slice(client: httpx.Client, tmp_path
     assert 'id="banner"' in page and "not calibrated" in page
     assert '<strong id="model">5</strong>' in page
     assert client.get("/api/model").json()["version"] == "5"
+
+
+def test_fingerprint_moves_with_slices_series_and_labels(db: Path) -> None:
+    """The change token the page polls moves when a label is given or a series completes,
+    and stays put otherwise."""
+    before = browse.fingerprint(db)
+    assert browse.fingerprint(db) == before
+    with LabelBook(db) as book:
+        book.set("1.1.1.1", "covid", who="dr_a", source="api")
+    labelled = browse.fingerprint(db)
+    assert labelled != before
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute(
+        "UPDATE series SET status = 'complete', verdict = 'non_covid' WHERE status = 'open'"
+    )
+    con.close()
+    assert browse.fingerprint(db) != labelled
+
+
+def test_page_and_routes_behind_the_token(tmp_path: Path) -> None:
+    """With api.token set, the page and its JSON need the token (query on GET or bearer)."""
+    toml = init_node(tmp_path / "node")
+    make_classifier(tmp_path / "node" / "models" / "current.onnx", version="5")
+    cfg = load_config(
+        toml, {"api": {"port": 0, "token": "s3cret"}, "inference": {"intra_op_threads": 1}}
+    )
+    d = Daemon(cfg)
+    d.start()
+    try:
+        port = int((cfg.paths.state_dir / "api.port").read_text())
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as anon:
+            for path in ("/", "/api/studies", "/api/changes", "/api/model", "/api/images/1.png"):
+                assert anon.get(path).status_code == 401, path
+            assert anon.get("/", params={"token": "s3cret"}).status_code == 200
+            assert anon.get("/api/studies", params={"token": "s3cret"}).status_code == 200
+            bearer = {"Authorization": "Bearer s3cret"}
+            assert anon.get("/api/changes", headers=bearer).json()["changes"]
+    finally:
+        d.shutdown(10)
