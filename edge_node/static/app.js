@@ -203,9 +203,15 @@
     }
     const first = page.total ? page.offset + 1 : 0;
     const last = page.offset + page.studies.length;
-    statusLine.textContent = `Studies ${first}\u2013${last} of ${page.total}, newest first`;
+    statusLine.textContent = page.total
+      ? `Studies ${first}\u2013${last} of ${page.total}, newest first`
+      : "0 studies";
     if (!page.studies.length) {
-      studiesEl.replaceChildren(h("p", { class: "empty", text: "No studies match these filters." }));
+      const filtered = Object.keys(filterValues()).some((k) => k !== "limit");
+      const text = filtered
+        ? "No studies match these filters."
+        : "No studies received yet: images sent to the node (inbox folder or DICOM C-STORE) appear here.";
+      studiesEl.replaceChildren(h("p", { class: "empty", text }));
       return;
     }
     studiesEl.replaceChildren(...page.studies.map(renderStudy));
@@ -580,6 +586,7 @@
   function renderPager(page) {
     const limit = page.limit;
     const pages = Math.max(1, Math.ceil(page.total / limit));
+    pagerEl.hidden = page.total <= limit && page.offset === 0;
     const current = Math.floor(page.offset / limit) + 1;
     const go = (offset) => () => {
       state.offset = Math.max(0, offset);
