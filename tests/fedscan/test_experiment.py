@@ -107,3 +107,33 @@ def test_tiny_experiment_runs_all_arms_and_writes_json(
         again["runs"][0]["centralized"]["accuracy"]
     )
     assert "| Centralized (pooled data) |" in again["markdown"]
+
+
+def test_kfold_tests_every_slice_once_with_patient_bootstrap_intervals(tmp_path: Path) -> None:
+    """--folds 2 on 40 synthetic slices: every slice of the dataset is a test slice exactly
+    once, the intervals cover each arm and the FedAvg paired differences at slice and patient
+    level, operating points come from validation, and an interrupted run resumes."""
+    torch.set_num_threads(1)
+    data = generate(tmp_path / "syn", 20, seed=4, n_patients=20, size=64).parent
+    out = tmp_path / "kf.json"
+    argv = ["experiment", "--dataset", str(data), "--json", str(out), "--seeds", "0",
+            "--rounds", "1", "--local-epochs", "1", "--threads", "1", "--jobs", "1",
+            "--folds", "2", "--val-fraction", "0.3", "--n-boot", "40"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    all_rows = (data / "index.csv").read_text().splitlines()[1:]
+    tested = [i for p in doc["predictions"] if p["arm"] == "fedavg" for i in p["test_ids"]]
+    assert len(tested) == len(set(tested)) == len(all_rows) == 40
+    seed0 = doc["intervals"]["per_seed"]["0"]
+    assert seed0["folds"] == 2 and seed0["slices"] == 40 and seed0["patients"] == 20
+    for arm in ("fedavg", "centralized", "hospital-1", "fedavg@cal"):
+        acc = seed0["arms"][arm]["accuracy"]
+        assert acc["lo"] <= acc["estimate"] <= acc["hi"]
+        assert "patient_accuracy" in seed0["arms"][arm] and "ece" in seed0["arms"][arm]
+    assert "fedavg-centralized" in seed0["differences"]
+    assert "patient_accuracy" in seed0["differences"]["fedavg-hospital-1"]
+    assert len(seed0["operating_points"]["fedavg"]) == 2
+    assert "| Paired difference |" in doc["markdown"]
+    # a second start with the same settings trains nothing: every task is in the done file
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["intervals"]["per_seed"]["0"]["slices"] == 40
