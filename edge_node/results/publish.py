@@ -18,20 +18,18 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from edge_node.results.common import SeriesFinding
-from edge_node.results.sc import KeySlice, build_sc
-from edge_node.results.sr import build_sr
 
 log = logging.getLogger(__name__)
 
 
 def _headers(paths: Sequence[str]) -> dict[str, tuple[str, Dataset]]:
     """SOP Instance UID -> (path, header) of every source file still readable."""
-    from edge_node.dicom_decode import read_dataset
+    import pydicom
 
     out: dict[str, tuple[str, Dataset]] = {}
     for path in dict.fromkeys(paths):
-        try:
-            ds = read_dataset(Path(path), stop_before_pixels=True)
+        try:  # a file the pipeline read whole already: the header is all we need again
+            ds = pydicom.dcmread(Path(path), stop_before_pixels=True)
         except Exception as exc:  # gone or changed since it was predicted
             log.warning("a source instance is not referenced (%s)", type(exc).__name__)
             continue
@@ -41,9 +39,10 @@ def _headers(paths: Sequence[str]) -> dict[str, tuple[str, Dataset]]:
 
 def _key_slices(
     finding: SeriesFinding, headers: dict[str, tuple[str, Dataset]], n: int
-) -> list[KeySlice]:
-    """The ``n`` slices with the highest P(covid), in the lung window."""
+) -> list[Any]:
+    """The ``n`` slices with the highest P(covid), in the lung window (sc.KeySlice)."""
     from edge_node.preprocess import PreprocessParams, prepare
+    from edge_node.results.sc import KeySlice
 
     ranked = sorted(finding.slices, key=lambda s: -s.prob_covid)
     keys: list[KeySlice] = []
@@ -81,6 +80,11 @@ class ResultPublisher:
         self.key_slices = key_slices
         self._outbox: Any = None
 
+    def warm(self) -> None:
+        """Import highdicom now (seconds on a loaded machine), not when a series completes."""
+        import edge_node.results.sc
+        import edge_node.results.sr  # noqa: F401
+
     def _enqueue(self, ds: Dataset) -> Path:
         if self._outbox is None:
             from edge_node.dicomnet.outbox import Outbox
@@ -89,6 +93,9 @@ class ResultPublisher:
         return Path(self._outbox.enqueue(ds))
 
     def __call__(self, finding: SeriesFinding, row: dict[str, Any]) -> dict[str, Any]:
+        from edge_node.results.sc import build_sc
+        from edge_node.results.sr import build_sr
+
         headers = _headers(list(row.get("paths") or []))
         if not headers:
             return {"error": "no source instance readable: no result objects"}
@@ -96,7 +103,13 @@ class ResultPublisher:
         out: dict[str, Any] = {}
         made: list[tuple[str, Dataset]] = []
         if self.sr:
-            made.append(("sr", build_sr(finding, sources)))
+            # the image library describes the key slices; the evidence lists every instance
+            ranked = sorted(finding.slices, key=lambda s: -s.prob_covid)
+            library = [
+                headers[s.sop_instance_uid][1] for s in ranked if s.sop_instance_uid in headers
+            ]
+            library = list({id(d): d for d in library}.values())[: self.key_slices]
+            made.append(("sr", build_sr(finding, sources, library=library)))
         if self.sc:
             keys = _key_slices(finding, headers, self.key_slices)
             made.append(("sc", build_sc(finding, sources[0], keys)))

@@ -11,9 +11,9 @@ group (TID 1501) holds
                          uncalibrated / untrained
     measurements         series score, decision threshold, uncertain band (UCUM "1")
 
-and an image library (TID 1600) plus the Current Requested Procedure Evidence Sequence naming
-every source instance. The SR joins the source study as a new series; of the source it carries
-the patient and study modules only.
+and an image library (TID 1600) describing the key slices (highest P(covid)) plus the
+Current Requested Procedure Evidence Sequence naming every source instance. The SR joins the
+source study as a new series; of the source it carries the patient and study modules only.
 """
 
 from __future__ import annotations
@@ -65,8 +65,13 @@ def _library_images(sources: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def build_sr(finding: SeriesFinding, sources: Sequence[Dataset]) -> hd.sr.Comprehensive3DSR:
-    """The SR of one complete series; ``sources`` are its instances' headers (no pixels)."""
+def build_sr(
+    finding: SeriesFinding, sources: Sequence[Dataset], library: Sequence[Dataset] | None = None
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of one complete series; ``sources`` are its instances' headers (no pixels), all
+    named in the evidence; ``library`` (default: all sources) are described in the image
+    library (a 300-entry library costs tens of seconds in highdicom: the node passes the key
+    slices)."""
     if not sources:
         raise ValueError("an SR needs at least one source instance")
     # highdicom copies the patient and study modules from evidence[0] and lists every
@@ -129,7 +134,7 @@ def build_sr(finding: SeriesFinding, sources: Sequence[Dataset]) -> hd.sr.Compre
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=CT_CHEST,
         imaging_measurements=[group],
-        referenced_images=_library_images(sources) or None,
+        referenced_images=_library_images(sources if library is None else library) or None,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,

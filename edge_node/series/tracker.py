@@ -182,6 +182,12 @@ class SeriesTracker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        warm = getattr(self.publish, "warm", None)
+        if warm is not None:
+            try:
+                warm()
+            except Exception:
+                log.exception("results warm-up failed")
         while not self._stop.wait(self.check_interval_s):
             try:
                 self.tick()
