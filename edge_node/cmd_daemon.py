@@ -13,6 +13,7 @@ from typing import Any
 
 from edge_node.config import default_toml, load_config
 from edge_node.errors import ConfigError
+from edge_node.file_modes import PRIVATE_DIR, PRIVATE_FILE, set_private_umask, tighten
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,15 @@ def init_node(folder: Path, node_id: str = "node1", *, force: bool = False) -> P
         raise ConfigError(f"{toml} already exists (use --force to overwrite)")
     folder.mkdir(parents=True, exist_ok=True)
     toml.write_text(default_toml(node_id))
+    tighten(toml, PRIVATE_FILE)  # it will hold the API token (and keys' paths): owner-only
     load_config(toml)  # the file we write must load
     for name in NODE_FOLDERS:
-        (folder / name).mkdir(exist_ok=True)
+        (folder / name).mkdir(mode=PRIVATE_DIR, exist_ok=True)
     return toml
 
 
 def _init(args: argparse.Namespace) -> int:
+    set_private_umask()  # node.toml and the folders: owner-only (file_modes)
     toml = init_node(Path(args.dir), args.node_id, force=args.force)
     print(
         f"wrote {toml}; put a model at {toml.parent / 'models' / 'current.onnx'} "
@@ -43,6 +46,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    set_private_umask()  # state, uploads, quarantine hold patient data (file_modes)
     overrides: dict[str, dict[str, Any]] = {
         # CLI paths are relative to the current directory, not to the TOML file.
         "inference": {"model": str(Path(args.model).resolve()) if args.model else None},

@@ -22,11 +22,13 @@ from typing import Any, Protocol
 
 from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError, ModelError
+from edge_node.file_modes import tighten_state
 from edge_node.inference import ModelHolder
 from edge_node.metrics import DicomStats, PipelineStats
 from edge_node.model_refusal import RefusedModels
 from edge_node.pipeline import Pipeline
 from edge_node.quarantine import Quarantine
+from edge_node.retention import RetentionSweeper
 from edge_node.state_lock import StateLock
 from edge_node.store import Store
 from edge_node.watcher import Watcher, inbox_relative
@@ -151,6 +153,10 @@ class Daemon:
     def _open(self, config: NodeConfig) -> None:
         paths = config.paths
         self.store = Store(paths.database)
+        # patient data at rest: owner-only, whatever umask an earlier run had (file_modes)
+        toml = (config.source,) if config.source else ()
+        tighten_state(paths.state_dir, paths.quarantine_dir, toml)
+        self.retention = RetentionSweeper(config)  # uploads, thumbnails, quarantine by age
         self.holder = ModelHolder(config.inference.intra_op_threads)
         self.stats = PipelineStats()
         self.pipeline = Pipeline(
@@ -200,6 +206,7 @@ class Daemon:
         self.pipeline.start()
         self.watcher.start()
         self.monitor.start()
+        self.retention.start()
         if self.series_tracker is not None:
             self.series_tracker.start()  # open series of an earlier run complete as well
         self._start_dicom()
@@ -316,6 +323,7 @@ class Daemon:
             self.dicom.stop_intake()  # no new instances while the pipeline drains
         self.watcher.stop()
         self.monitor.stop()
+        self.retention.stop()
         drained = self.pipeline.drain(timeout)
         if self.series_tracker is not None:
             self.series_tracker.stop()

@@ -29,7 +29,10 @@ read; a Deflated Explicit VR Little Endian dataset is inflated here with a cap b
 parses it (pydicom would inflate it whole); deflated frames inflate with a cap of their header
 size; frames and pixels are counted from the header before any decoder runs.
 
-Messages never carry patient identifiers or paths: the caller knows the path.
+Messages never carry patient identifiers or paths: the caller knows the path. Nor do
+pydicom's own: importing this module stops pydicom's value validation while reading (its
+warning quotes the value, a malformed UID or a name, once as a log line and once as a Python
+warning), silences the warning copy and withholds quoted values in the ``pydicom`` logger.
 
 Transfer syntaxes: native (implicit/explicit little endian, explicit big endian), Deflated
 Explicit VR Little Endian (pydicom inflates it while reading), JPEG Lossless and JPEG-LS
@@ -41,8 +44,10 @@ deflate), which pydicom 3.0 does not know and this module inflates itself.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +55,7 @@ from typing import TypeVar
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_fragmented_frames, generate_frames
@@ -96,6 +102,28 @@ _PARSE_ERRORS = (
 _DECODE_ERRORS = (*_PARSE_ERRORS, RuntimeError, MemoryError, StopIteration)
 
 Source = str | Path | bytes
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")  # a quoted value in a pydicom message
+
+
+class _WithholdValues(logging.Filter):
+    """Replaces quoted values in pydicom's log messages (element values: UIDs, names)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _QUOTED.sub("'<withheld>'", record.getMessage())
+        record.args = ()
+        return True
+
+
+def quiet_pydicom() -> None:
+    """No element value from pydicom reaches the logs (idempotent; run at import)."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, _WithholdValues) for f in logger.filters):
+        logger.addFilter(_WithholdValues())
+
+
+quiet_pydicom()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 The inbox is never modified, so the original stays where it is; the copy lets an operator
 inspect what the node refused even after the sender cleans up. The reason file is written
-atomically (temporary name, then rename) so a reader never sees half of it.
+atomically (temporary name, then rename) so a reader never sees half of it. Copies hold
+patient data: the folder is 0700 and every file 0600, whatever the source file's mode was
+(``shutil.copy2`` would copy it), and ``edge_node.retention`` removes them after
+``[retention] quarantine_days``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,16 @@ class Quarantine:
 
     def put(self, src: Path, reason: str, detail: str = "") -> Path | None:
         """Copy ``src`` and write its reason file; returns the copy, or None if ``src`` vanished."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock:  # name choice + copy must not race another worker
             dst = self._free_name(src)
             try:
-                shutil.copy2(src, dst)
+                with open(src, "rb") as inp:  # a vanished source: nothing created
+                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with open(fd, "wb") as out:
+                        shutil.copyfileobj(inp, out, 1 << 20)
+                # not copy2: the source's mode may be 0644, and retention ages the copy by
+                # when it was quarantined (its mtime), not by when the sender wrote it
             except FileNotFoundError:
                 return None
             except OSError as exc:
@@ -54,7 +62,9 @@ class Quarantine:
             reason_path = dst.with_name(dst.name + ".reason.json")
             tmp = reason_path.with_name("." + reason_path.name + ".tmp")
             try:
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "w") as f:
+                    f.write(json.dumps(record, indent=2) + "\n")
                 os.replace(tmp, reason_path)
             except OSError as exc:  # disk full: the node's state still records the reason
                 tmp.unlink(missing_ok=True)
