@@ -52,10 +52,6 @@ STUDIES = [
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One node, fed once; the tests below read it (module scope keeps the suite short)."""
-    from edge_node.daemon import Daemon
-
-    if not hasattr(Daemon, "_series_tracker"):  # TODO(H5b): drop once the daemon wiring lands
-        pytest.skip("this daemon does not track series yet ([series] not wired in)")
     tmp = tmp_path_factory.mktemp("page")
     node = NodeProcess(tmp / "node", extra_toml=SERIES_TOML)
     make_classifier(node.folder / "models" / "current.onnx", version="0")  # random init
