@@ -9,8 +9,8 @@
    ``--quiet-time``, outbox sender) receives the same series from storescu; the time from
    storescu's last acknowledged slice to the Structured Report arriving at a pynetdicom
    C-STORE SCP standing in for the PACS; target: quiet time + < 2 s. The node's model is a
-   random-init cnn2d exported to ONNX (the verdict is meaningless; the timing is not), and
-   ``[series] chest_only`` is off because the real slice used is a head CT.
+   random-init cnn2d exported to ONNX (the verdict is meaningless; the timing is not); the
+   slices say BodyPartExamined CHEST (the real slice used is a head CT).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -67,6 +68,7 @@ def make_series(src: Path, n: int, folder: Path) -> list[Path]:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [0.0, 0.0, -2.5 * i]
+        ds.BodyPartExamined = "CHEST"  # the chest-only filter takes the (head) CT sample
         path = folder / f"{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -158,11 +160,8 @@ def series_to_sr(
     with RecordingScp(ae_title="PACS") as pacs:
         toml = init_node(folder, force=True)
         text = toml.read_text().replace("intra_op_threads = 2", f"intra_op_threads = {threads}")
+        text = set_toml(text, "series", "quiet_time_s", repr(float(quiet_s)))
         text += f"""
-[series]
-quiet_time_s = {quiet_s}
-chest_only = false
-
 [dicom.listener]
 enabled = true
 port = 0
@@ -252,6 +251,23 @@ port = {pacs.port}
         f"(quiet time {quiet_s:g} s + {out['sr_after_quiet_s']:.2f} s)"
     )
     return out
+
+
+def set_toml(text: str, section: str, key: str, value: str) -> str:
+    """``key = value`` in ``[section]`` of a node.toml text: replaced, added to the section,
+    or in a new section at the end (the file `fedscan node init` writes may have either)."""
+    lines = text.splitlines()
+    try:
+        start = lines.index(f"[{section}]")
+    except ValueError:
+        return text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    for i in range(start + 1, end):
+        if re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+            lines[i] = f"{key} = {value}"
+            return "\n".join(lines) + "\n"
+    lines.insert(start + 1, f"{key} = {value}")
+    return "\n".join(lines) + "\n"
 
 
 def _after(at: float | None, t0: float) -> float | None:

@@ -289,10 +289,13 @@ def copy_sample(name: str, dst: str | Path) -> Path:
     return dst
 
 
-def series_from(src: str | Path, n: int, *, slice_mm: float = 2.5) -> list[Dataset]:
+def series_from(
+    src: str | Path, n: int, *, slice_mm: float = 2.5, body_part: str | None = None
+) -> list[Dataset]:
     """``n`` slices of one new study/series made from a real single slice: fresh Study,
     Series and SOP Instance UIDs, InstanceNumber 1..n and ImagePositionPatient stepping in z
-    (pixels and transfer syntax unchanged), as a scanner would send them."""
+    (pixels and transfer syntax unchanged), as a scanner would send them. ``body_part`` sets
+    BodyPartExamined (e.g. "CHEST", so the chest-only filter takes the head CT sample)."""
     base = pydicom.dcmread(src)
     study, series = generate_uid(), generate_uid()
     x, y, z0 = (float(v) for v in base.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
@@ -305,16 +308,20 @@ def series_from(src: str | Path, n: int, *, slice_mm: float = 2.5) -> list[Datas
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [x, y, z0 - i * slice_mm]
         ds.SliceLocation = z0 - i * slice_mm
+        if body_part is not None:
+            ds.BodyPartExamined = body_part
         slices.append(ds)
     return slices
 
 
-def write_series(src: str | Path, folder: str | Path, n: int) -> list[Path]:
+def write_series(
+    src: str | Path, folder: str | Path, n: int, *, body_part: str | None = None
+) -> list[Path]:
     """:func:`series_from` written as ``folder/NNN.dcm``; returns the paths in slice order."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, ds in enumerate(series_from(src, n)):
+    for i, ds in enumerate(series_from(src, n, body_part=body_part)):
         path = folder / f"{i:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

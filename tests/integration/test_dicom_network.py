@@ -68,7 +68,8 @@ def test_storescu_series_is_received_and_predicted(node: NodeProcess, tmp_path: 
     predicts all 20; C-ECHO answers; /metrics counts the association and the instances."""
     port = _dicom_port(node)
     assert echo(port, "FEDSCAN", calling_ae="MODALITY")
-    files = write_series(sample_path("693_UNCR.dcm"), tmp_path / "series", 20)
+    # BodyPartExamined CHEST: the chest-only series filter takes this real (head) CT slice
+    files = write_series(sample_path("693_UNCR.dcm"), tmp_path / "series", 20, body_part="CHEST")
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     cmd = [dcmtk("storescu"), "-aet", "MODALITY", "-aec", "FEDSCAN", "127.0.0.1", str(port)]
     result = subprocess.run([*cmd, *map(str, files)], capture_output=True, timeout=120)
