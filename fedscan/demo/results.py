@@ -102,18 +102,12 @@ def build_results(
     for s in summaries:
         if s["weighted"] and s["weighted"].get("accuracy") is not None:
             weighted[int(s["version_in"])] = float(s["weighted"]["accuracy"])
-    for r in metrics_rows:  # reports on the last version (sent after the last round)
-        if r.model_version not in weighted and r.model_version in paths:
-            rows_v = [x for x in metrics_rows if x.model_version == r.model_version]
-            n = sum(x.n_val for x in rows_v)
-            if n:
-                weighted[r.model_version] = (
-                    sum(float(x.metrics.get("accuracy", 0.0)) * x.n_val for x in rows_v) / n
-                )
-    scored: dict[int, tuple[Any, Any]] = {}
+    val = validation_set(plan, eval_cache)
+    val_accuracy: dict[int, float] = {}
     for version in sorted(paths):
         m, roc = ev.score(paths[version], test)
-        scored[version] = (m, roc)
+        if val is not None:
+            val_accuracy[version] = ev.score(paths[version], val)[0].accuracy
         reported = {
             r.node: float(r.metrics["accuracy"])
             for r in metrics_rows
@@ -123,8 +117,8 @@ def build_results(
                                  weighted.get(version), accepted.get(version, 0)))  # fmt: skip
     if paths:
         last = max(paths)
-        chosen = select_version(weighted, list(paths))
-        models += _global_models(c, paths, chosen, last, coordinator_state, test, len(points))
+        chosen = select_version(val_accuracy, list(paths))
+        models += _global_models(c, paths, chosen, last, coordinator_state, test, val, len(points))
     notes = (
         "Every model is scored on the same held-out test set: slices of patients that no "
         "node ever had a label for (they reached the inboxes unlabelled, and were only "
@@ -169,10 +163,29 @@ def local_operating_point(weights: Path) -> dict[str, Any] | None:
         return None
 
 
-def select_version(weighted: dict[int, float], versions: list[int]) -> int:
-    """The global version with the best validation accuracy the nodes reported (weighted by
-    their validation sizes; ties: the later); the last version when none was reported on."""
-    candidates = [(acc, v) for v, acc in weighted.items() if v in versions and v > 0]
+def validation_set(plan: DataPlan, cache: Path) -> Any:
+    """Every hospital's local validation patients, split as its trainer splits them (salt =
+    the federation id, the node's ``val_fraction``); None when there are none."""
+    from edge_node.config import TrainingConfig
+    from edge_node.split import VAL, side_of
+    from fedscan.demo.setup import FEDERATION
+
+    fraction = TrainingConfig().val_fraction
+    rows = [
+        r
+        for p in plan.nodes
+        for r in p.labelled
+        if side_of(r.patient_key, salt=FEDERATION, val_fraction=fraction) == VAL
+    ]
+    if not rows or len({r.label for r in rows}) < 2:
+        return None
+    return ev.load_test_set(rows, plan.base, cache)
+
+
+def select_version(val_accuracy: dict[int, float], versions: list[int]) -> int:
+    """The global version (not v0) with the best accuracy on the hospitals' validation
+    patients (ties: the later); the last version when there is no validation data."""
+    candidates = [(acc, v) for v, acc in val_accuracy.items() if v in versions and v > 0]
     return max(candidates)[1] if candidates else max(versions)
 
 
@@ -183,21 +196,30 @@ def _global_models(
     last: int,
     coordinator_state: Path,
     test: Any,
+    val: Any,
     n_points: int,
 ) -> list[ModelEval]:
-    """The global model chosen on validation (and the last version when that differs)."""
+    """The global model chosen on validation (and the last version when that differs). Its
+    operating point: fitted from the nodes' calibration statistics of that version (their
+    eval reports), or, for a version no node evaluated (the last one), from the same
+    statistics computed here on the hospitals' validation patients."""
     from coordinator.calibration import CalibrationBook
+    from fl_protocol.calibration import calibration_stats, fit_operating_point
 
     book = CalibrationBook(coordinator_state)
     out = []
     for version in sorted({chosen, last}):
         op = book.operating_point(version)
-        m, roc, cal = ev.score_with_calibration(
-            paths[version], test, None if op is None else op.to_dict()
-        )
+        source = "the nodes' eval reports"
+        if op is None and val is not None:
+            op = fit_operating_point(calibration_stats(ev.covid_logits(paths[version], val),
+                                                       val.labels))  # fmt: skip
+            source = "the hospitals' validation patients (computed by the demo)"
+        op_dict = None if op is None else {**op.to_dict(), "source": source}
+        m, roc, cal = ev.score_with_calibration(paths[version], test, op_dict)
         how = (
-            "chosen on validation: the version with the best accuracy the nodes reported on "
-            "their local validation patients (weighted by their sizes), not the test set"
+            "chosen on validation: the version with the best accuracy on the hospitals' local "
+            "validation patients (the split each node trains with), never on the test set"
             if version == chosen
             else "the last version (shown for comparison; not chosen on validation)"
         )

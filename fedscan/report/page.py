@@ -99,6 +99,7 @@ def _op_record(m: ModelEval) -> dict[str, Any]:
         "threshold": f"{op.get('threshold', float('nan')):.3f}",
         "uncertain band": f"±{op.get('uncertain_band', float('nan')):.2f}",
         "fitted on (validation slices)": op.get("n_val"),
+        "fitted from": op.get("source", "the model's own validation patients"),
         "test sensitivity %": _pct(cal.get("sensitivity")),
         "test specificity %": _pct(cal.get("specificity")),
         "test slices shown uncertain": c.get("uncertain"),
