@@ -176,6 +176,18 @@ class FederationConfig:
             raise ConfigError("federation: dp_noise_multiplier needs dp_clip (sigma = z * clip)")
         if not 0.0 < self.dp_delta < 1.0:
             raise ConfigError("federation: dp_delta must be in (0, 1)")
+        key = self.coordinator_public_key
+        if self.enabled and key is None:
+            # fail closed: without the key any client of the broker could publish the model
+            raise ConfigError(
+                "federation: enabled needs coordinator_public_key (the coordinator's Ed25519"
+                " public key; global models that do not verify with it are refused)"
+            )
+        if self.enabled and key is not None and not Path(key).is_file():
+            raise ConfigError(
+                f"federation: coordinator_public_key {key} not found"
+                " (copy keys/coordinator.pub from this node's provisioning kit)"
+            )
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -456,4 +468,6 @@ epochs = 3
 enabled = false
 federation = "demo"
 broker = "mqtt://127.0.0.1:1883"
+# required once enabled: only global models signed with this key are used
+coordinator_public_key = "keys/coordinator.pub"
 '''

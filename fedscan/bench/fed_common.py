@@ -179,6 +179,20 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> int | 
     return proc.returncode
 
 
+def coordinator_keys(work: Path) -> Path:
+    """The coordinator's Ed25519 pair in ``work/keys`` (made once): it signs the global
+    manifests, and every bench node trusts its public key (a node never federates without)."""
+    from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
+
+    keys = work / "keys"
+    if not (keys / "coordinator.pub").exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        private, public = generate_keypair()
+        save_private_key(private, keys / "coordinator.key")
+        save_public_key(public, keys / "coordinator.pub")
+    return keys
+
+
 class CoordinatorProcess:
     """``fedscan coordinator run`` on ``folder/coordinator.toml``; state read from its SQLite."""
 
@@ -191,9 +205,10 @@ class CoordinatorProcess:
         self.folder = folder
         self.config = folder / "coordinator.toml"
         lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in rounds.items())
+        key = coordinator_keys(folder.parent) / "coordinator.key"
         self.config.write_text(
-            f'federation = "{FEDERATION}"\nstate_dir = "state"\n[broker]\nurl = "{broker_url}"\n'
-            f'[model]\narch = "{arch}"\n[rounds]\n{lines}\n'
+            f'federation = "{FEDERATION}"\nstate_dir = "state"\nsigning_key = "{key}"\n'
+            f'[broker]\nurl = "{broker_url}"\n[model]\narch = "{arch}"\n[rounds]\n{lines}\n'
         )
         cfg = load_config(self.config)
         state = State(cfg.state_dir)  # version 0 made here: the process needs no torch

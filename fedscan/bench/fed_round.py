@@ -36,6 +36,7 @@ from fedscan.bench.fed_common import (
     FEDERATION,
     REPO_ROOT,
     CoordinatorProcess,
+    coordinator_keys,
     first_log_time,
     start_mosquitto,
     stop_process,
@@ -84,7 +85,8 @@ def worker_idle(node_pid: int, quiet_s: float = 1.0) -> bool:
     return False
 
 
-def node_toml(node_id: str, broker_url: str) -> str:
+def node_toml(node_id: str, broker_url: str, trust: Path) -> str:
+    """``trust``: the folder holding the coordinator's public key (coordinator_keys)."""
     return f"""node_id = "{node_id}"
 [paths]
 inbox = "inbox"
@@ -106,6 +108,7 @@ torch_threads = 1
 enabled = true
 federation = "{FEDERATION}"
 broker = "{broker_url}"
+coordinator_public_key = "{trust}/coordinator.pub"
 """
 
 
@@ -138,8 +141,9 @@ class NodeProcess:
         if kind not in NODE_PROCESSES:
             raise ValueError(f"node process must be one of {NODE_PROCESSES}, not {kind!r}")
         self.folder, self.node_id, self.kind = folder, node_id, kind
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "node.toml").write_text(node_toml(node_id, broker_url))
+        (folder / "inbox").mkdir(parents=True, exist_ok=True)  # a node never creates its inbox
+        trust = coordinator_keys(folder.parent)
+        (folder / "node.toml").write_text(node_toml(node_id, broker_url, trust))
         self.log = folder / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

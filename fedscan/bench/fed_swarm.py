@@ -31,6 +31,7 @@ import numpy as np
 from fedscan.bench.fed_common import (
     FEDERATION,
     CoordinatorProcess,
+    coordinator_keys,
     raise_open_files_limit,
     start_mosquitto,
     tail,
@@ -137,7 +138,12 @@ def _client(folder: Path, node_id: str, url: str, seed: int, chunk_size: int) ->
             "quarantine_dir": "quarantine",
             "model_dir": "models",
         },
-        "federation": {"enabled": True, "federation": FEDERATION, "broker": url},
+        "federation": {
+            "enabled": True,
+            "federation": FEDERATION,
+            "broker": url,
+            "coordinator_public_key": str(coordinator_keys(folder.parent) / "coordinator.pub"),
+        },
     }
     config = config_from_dict(raw, folder)
     client = FederationClient(

@@ -32,10 +32,14 @@ from fl_protocol.schemas import (
     RoundConfig,
     UpdateManifest,
 )
-from fl_protocol.signing import sign_manifest
+from fl_protocol.signing import save_public_key, sign_manifest
 from fl_protocol.transport import MemoryBroker, Message
 
 ARCH = "cnn2d"
+# the coordinator key of these tests (a fixed, test-only key): nodes made by node_config trust
+# it, FakeCoordinator signs with it unless given another key or key=None (unsigned)
+TEST_COORDINATOR_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+_DEFAULT_KEY: Any = object()  # FakeCoordinator(key=...) not given
 
 
 def cnn2d_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -100,6 +104,11 @@ def node_config(
         "early_stopping_patience": 0,
     }
     train.update(training or {})
+    if "coordinator_public_key" not in fed:  # a federation node always has the key (fail closed)
+        pub = root / "keys" / "coordinator.pub"
+        pub.parent.mkdir(parents=True, exist_ok=True)
+        save_public_key(TEST_COORDINATOR_KEY.public_key(), pub)
+        fed["coordinator_public_key"] = str(pub)
     raw = {
         "node_id": node_id,
         "paths": {
@@ -134,13 +143,13 @@ class FakeCoordinator:
         broker: MemoryBroker,
         federation: str,
         *,
-        key: Ed25519PrivateKey | None = None,
+        key: Ed25519PrivateKey | None = _DEFAULT_KEY,  # None: publish unsigned
         chunk_size: int = 64 * 1024,
         client_id: str = "coordinator",
     ) -> None:
         self.broker = broker
         self.federation = federation
-        self.key = key
+        self.key = TEST_COORDINATOR_KEY if key is _DEFAULT_KEY else key
         self.chunk_size = chunk_size
         self.t = broker.transport(client_id)
         self.uploads: dict[tuple[int, str], Upload] = {}

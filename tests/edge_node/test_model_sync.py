@@ -121,7 +121,7 @@ def test_only_models_signed_by_the_coordinator_key_are_used(tmp_path: Path) -> N
     client.run_until_idle()
     assert [v for _, v in swaps] == [0]
 
-    FakeCoordinator(broker, FED, client_id="x1").publish_global(1, cnn2d_weights(1))  # unsigned
+    FakeCoordinator(broker, FED, key=None, client_id="x1").publish_global(1, cnn2d_weights(1))
     client.run_until_idle()
     forged = FakeCoordinator(broker, FED, key=other, client_id="x2")
     forged.publish_global(2, cnn2d_weights(2))  # signed with another key

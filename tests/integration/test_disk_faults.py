@@ -24,10 +24,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as st_save
 
 from fl_protocol.chunking import split
 from fl_protocol.schemas import GlobalManifest
+from fl_protocol.signing import generate_keypair, save_public_key, sign_manifest
 from tests.helpers.dicom_factory import sample_path, write_ct
 from tests.helpers.onnx_models import make_classifier
 from tests.integration.fault_helpers import audit_cli, check_sqlite, one_prediction_per_slice
@@ -173,14 +175,15 @@ def test_inbox_on_a_full_disk_truncated_file_is_quarantined_then_resent(
 
 
 def _global_manifest(
-    version: int, weights: dict[str, np.ndarray]
+    version: int, weights: dict[str, np.ndarray], key: Ed25519PrivateKey
 ) -> tuple[GlobalManifest, list[bytes]]:
+    """A global model as the coordinator publishes it: chunks and a manifest signed by ``key``."""
     meta = {"arch": "cnn2d", "texture_dim": "0", "version": str(version), "init": "random"}
     payload, chunks = split(bytes(st_save(weights, metadata=meta)), 64 * 1024)
     manifest = GlobalManifest(
         federation="fedtest", version=version, arch="cnn2d", texture_dim=0, payload=payload
     )
-    return manifest, chunks
+    return sign_manifest(manifest, key, "coordinator"), chunks
 
 
 def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
@@ -200,6 +203,8 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
 
     torch.manual_seed(0)
     weights = state_to_numpy(create_model("cnn2d"))
+    key, public = generate_keypair()
+    save_public_key(public, tmp_path / "coordinator.pub")
     cfg = config_from_dict(
         {
             "node_id": "n1",
@@ -209,7 +214,11 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
                 "quarantine_dir": "quarantine",
                 "model_dir": "models",
             },
-            "federation": {"enabled": True, "federation": "fedtest"},
+            "federation": {
+                "enabled": True,
+                "federation": "fedtest",
+                "coordinator_public_key": "coordinator.pub",
+            },
         },
         tmp_path,
     )
@@ -223,7 +232,7 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
         sync = ModelSync(cfg, InProcessCompute(), swap_in)
         before = sorted(p.name for p in model_dir.iterdir())
         remount(model_dir, "ro")
-        manifest, chunks = _global_manifest(2, weights)
+        manifest, chunks = _global_manifest(2, weights, key)
         sync.check_manifest(manifest)
         assert sync.offer(manifest)
         for i, chunk in enumerate(chunks):

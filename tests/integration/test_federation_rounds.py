@@ -85,6 +85,19 @@ def make_keys(keys: Path, nodes: str) -> None:
             save_public_key(public, keys / "nodes" / f"{name}.pub")
 
 
+def coordinator_key(folder: Path) -> Path:
+    """Without provisioned ``keys``: the coordinator's own signing pair in ``folder.parent/keys``
+    (nodes refuse unsigned global models: no key, no federation), made once and shared by the
+    coordinator and the nodes of the test."""
+    keys = folder.parent / "keys"
+    if not (keys / "coordinator.key").exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        private, public = generate_keypair()
+        save_private_key(private, keys / "coordinator.key")
+        save_public_key(public, keys / "coordinator.pub")
+    return keys
+
+
 def write_coordinator(
     folder: Path, broker_url: str | None, nodes: str, keys: Path | None = None, **rounds: Any
 ) -> Path:
@@ -105,9 +118,10 @@ def write_coordinator(
     params.update(rounds)
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
     path = folder / "coordinator.toml"
-    signing = ""
     if keys is not None:
         signing = f'signing_key = "{keys}/coordinator.key"\nnode_keys_dir = "{keys}/nodes"\n'
+    else:  # global manifests signed; node updates not (no node keys provisioned)
+        signing = f'signing_key = "{coordinator_key(folder)}/coordinator.key"\n'
     path.write_text(
         f'federation = "{FEDERATION}"\nstate_dir = "state"\n{signing}[broker]\n{broker}\n'
         f'[model]\narch = "cnn2d"\n[rounds]\n{lines}\n'
@@ -209,8 +223,10 @@ nice = 5
 """
 
 
-def node_toml(node_id: str, broker_url: str, keys: Path | None) -> str:
-    signing = ""
+def node_toml(node_id: str, broker_url: str, keys: Path | None, trust: Path | None = None) -> str:
+    """``keys``: provisioned keys (the node signs its updates); else ``trust`` holds only the
+    coordinator's public key (see coordinator_key), which a federation node always needs."""
+    signing = f'coordinator_public_key = "{trust}/coordinator.pub"\n' if trust else ""
     if keys is not None:
         signing = (
             f'signing_key = "{keys}/{node_id}.key"\n'
@@ -250,7 +266,8 @@ class FedNode(NodeProcess):
         self, folder: Path, node_id: str, broker_url: str, keys: Path | None = None
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "node.toml").write_text(node_toml(node_id, broker_url, keys))
+        trust = None if keys is not None else folder.parent / "keys"
+        (folder / "node.toml").write_text(node_toml(node_id, broker_url, keys, trust))
         super().__init__(folder)
         self.node_id = node_id
         self.uids = labelled_inbox(self.inbox, node_id)

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from fl_protocol.chunking import split
 from fl_protocol.schemas import EvalReport, NodeStatus, UpdateManifest
+from fl_protocol.signing import generate_keypair, save_public_key
 from tests.conftest import ReliabilityProfile
 from tests.coordinator.fakes import FEDERATION as MEM_FEDERATION
 from tests.coordinator.fakes import FakeNode, NodeThread, make_delta
@@ -274,6 +275,8 @@ def test_garbage_at_a_real_node_with_federation_enabled(
     toml = toml.replace('federation = "demo"', f'federation = "{FEDERATION}"')
     toml = toml.replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{mosquitto.port}")
     node.toml.write_text(toml)
+    (node.folder / "keys").mkdir(exist_ok=True)  # the key line `node init` wrote: no key, no run
+    save_public_key(generate_keypair()[1], node.folder / "keys" / "coordinator.pub")
     make_classifier(node.folder / "models" / "current.onnx", version="7")
     rogue = rogue_client(mosquitto.port)
     try:
