@@ -443,11 +443,13 @@ class Store:
         """Newest first; joined with the human label when edge_node.labels created its table."""
         limit = max(1, min(int(limit), 10_000))
         if self._has_table("labels"):
+            # per-frame labels; an older labels table has none until edge_node.labels migrates it
+            frame = " AND (l.frame IS NULL OR l.frame = p.frame)"
             sql = (
                 "SELECT p.*, l.label AS human_label, l.who AS labelled_by FROM predictions p"
                 " LEFT JOIN labels l ON l.sop_instance_uid = p.sop_instance_uid"
-                " AND (l.frame IS NULL OR l.frame = p.frame)"  # a file: whole-file or per-frame
-                " ORDER BY p.created_at DESC, p.id DESC LIMIT ?"
+                + (frame if self._has_column("labels", "frame") else "")
+                + " ORDER BY p.created_at DESC, p.id DESC LIMIT ?"
             )
         else:
             sql = "SELECT * FROM predictions ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -544,3 +546,6 @@ class Store:
     def _has_table(self, name: str) -> bool:
         rows = self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
         return bool(rows)
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(r[1] == column for r in self._query(f"PRAGMA table_info({table})"))
