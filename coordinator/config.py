@@ -33,6 +33,10 @@ class BrokerConfig:
     keepalive_s: int = 30
     embedded_host: str = "127.0.0.1"  # embedded broker: loopback only
     embedded_port: int = 1883  # embedded broker port; 0 = free port (written to state_dir)
+    # embedded broker: what one client session may queue (offline or slow); beyond either
+    # limit the oldest queued messages are dropped, with a warning (fl_protocol.broker)
+    embedded_max_queued_messages: int = 10_000
+    embedded_max_queued_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.url is not None:
@@ -47,6 +51,8 @@ class BrokerConfig:
             raise ConfigError("broker: cert_file and key_file go together")
         if not 0 <= self.embedded_port < 65536:
             raise ConfigError("broker.embedded_port must be in [0, 65535]")
+        if self.embedded_max_queued_messages < 1 or self.embedded_max_queued_bytes < 1:
+            raise ConfigError("broker: embedded_max_queued_messages / _bytes must be >= 1")
 
     @property
     def embedded(self) -> bool:
@@ -309,6 +315,8 @@ state_dir = "state"          # SQLite state, update spool, global checkpoints
 # cert_file = "certs/coordinator.pem"
 # key_file = "certs/coordinator.key"
 embedded_port = 1883
+embedded_max_queued_messages = 10000   # per client session; the oldest are dropped beyond
+embedded_max_queued_bytes = 134217728  # 128 MiB per client session, same rule
 
 [model]
 arch = "cnn2d"             # export.zoo registry name (resnet18, efficientnet_b0, cnn2d)

@@ -88,7 +88,12 @@ def broker_transport(cfg: CoordinatorConfig) -> Iterator[Transport]:
         return
     from fl_protocol.broker import EmbeddedBroker
 
-    broker = EmbeddedBroker(host=cfg.broker.embedded_host, port=cfg.broker.embedded_port)
+    broker = EmbeddedBroker(
+        host=cfg.broker.embedded_host,
+        port=cfg.broker.embedded_port,
+        max_queued=cfg.broker.embedded_max_queued_messages,
+        max_queued_bytes=cfg.broker.embedded_max_queued_bytes,
+    )
     port = broker.start()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     (cfg.state_dir / "broker.port").write_text(f"{port}\n")

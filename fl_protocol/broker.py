@@ -5,9 +5,17 @@ CONNECT / CONNACK, PUBLISH QoS 0 and 1 (a QoS 2 publish is accepted with PUBREC 
 forwarded at QoS 1; SUBACK grants at most QoS 1), SUBSCRIBE / UNSUBSCRIBE with ``+`` and ``#``,
 retained messages (an empty retained payload clears), last wills, keep-alive, PINGREQ,
 DISCONNECT, and packets over 2 MiB drop the client. A client with ``clean_session=False`` keeps
-its subscriptions and gets the QoS 1 messages published while it was away (at most
-``max_queued`` per client, oldest dropped first) and its unacknowledged ones again. At most
-``max_inflight`` (20) QoS 1 messages await a client's PUBACK; the rest wait in order.
+its subscriptions and gets the QoS 1 messages published while it was away and its
+unacknowledged ones again. At most ``max_inflight`` (20) QoS 1 messages await a client's
+PUBACK; the rest wait in order in the session's queue.
+
+Each session's queue (offline, or online but slow) is bounded: at most ``max_queued`` messages
+(10,000) and ``max_queued_bytes`` of payload plus topic (128 MiB). A message that would go over
+either limit makes room by dropping the OLDEST queued messages (a warning names the client, at
+the first drop and every 1,000th; an info line gives the total once the queue has drained); a
+single message larger than ``max_queued_bytes`` is not queued at all. The protocol survives
+drops as it does on Mosquitto (``max_queued_messages`` / ``max_queued_bytes``): global model
+chunks are retained and sent again on subscribe, updates are re-sent until acknowledged.
 
 State (retained messages, sessions) lives in this object's memory: it survives ``stop()`` /
 ``start()`` of the same object, not the process. No TLS and no authentication: it listens on
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAX_PACKET_SIZE = 2 * 1024 * 1024
 MAX_INFLIGHT = 20  # default QoS 1 messages sent to one client and not yet acknowledged
+MAX_QUEUED = 10_000  # default messages one session's queue holds
+MAX_QUEUED_BYTES = 128 * 1024 * 1024  # default payload + topic bytes one session's queue holds
 _auto_ids = itertools.count(1)
 
 
@@ -55,7 +65,14 @@ class _Session:
     conn: _Conn | None = None
     inflight: dict[int, _Msg] = field(default_factory=dict)  # QoS 1 sent, PUBACK pending
     queued: collections.deque[_Msg] = field(default_factory=collections.deque)
+    queued_bytes: int = 0  # sum of _size() over queued
+    dropped: int = 0  # messages dropped since the queue was last empty
     last_pid: int = 0
+
+
+def _size(msg: _Msg) -> int:
+    """What a queued message counts against ``max_queued_bytes``."""
+    return len(msg.payload) + len(msg.topic)
 
 
 @dataclass(eq=False)
@@ -73,9 +90,16 @@ class _Conn:
 class _Core:
     """Broker state; touched only from the event loop thread."""
 
-    def __init__(self, max_packet_size: int, max_queued: int, max_inflight: int) -> None:
+    def __init__(
+        self,
+        max_packet_size: int,
+        max_queued: int,
+        max_inflight: int,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
         self.max_packet_size = max_packet_size
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self.max_inflight = max_inflight
         self.sessions: dict[str, _Session] = {}
         self.retained: dict[str, _Msg] = {}
@@ -89,11 +113,38 @@ class _Core:
         if conn is not None and msg.qos == 0:
             conn.send(w.publish(msg.topic, msg.payload, 0, msg.retain, 0, dup=False))
         elif msg.qos > 0 and (conn is not None or not session.clean):
-            if len(session.queued) >= self.max_queued:
-                session.queued.popleft()
-                log.warning("queue of client %s full: dropped oldest", session.client_id)
-            session.queued.append(msg)
+            self.enqueue(session, msg)
             self.flush(session)
+
+    def enqueue(self, session: _Session, msg: _Msg) -> None:
+        """Queue ``msg``, dropping the oldest queued messages while a limit would be passed."""
+        size = _size(msg)
+        if size > self.max_queued_bytes:
+            self._count_drop(session, "message larger than the whole queue: not queued")
+            return
+        while session.queued and (
+            len(session.queued) >= self.max_queued
+            or session.queued_bytes + size > self.max_queued_bytes
+        ):
+            session.queued_bytes -= _size(session.queued.popleft())
+            self._count_drop(session, "dropped the oldest")
+        session.queued.append(msg)
+        session.queued_bytes += size
+
+    def _count_drop(self, session: _Session, what: str) -> None:
+        session.dropped += 1
+        if session.dropped == 1 or session.dropped % 1000 == 0:
+            log.warning(
+                "queue of client %s full (%d messages, %d bytes; limits %d, %d): %s"
+                " (%d dropped so far)",
+                session.client_id,
+                len(session.queued),
+                session.queued_bytes,
+                self.max_queued,
+                self.max_queued_bytes,
+                what,
+                session.dropped,
+            )
 
     def flush(self, session: _Session) -> None:
         """Send queued QoS 1 messages, in order, while fewer than max_inflight await PUBACK.
@@ -103,6 +154,14 @@ class _Core:
         conn = session.conn
         while conn is not None and session.queued and len(session.inflight) < self.max_inflight:
             msg = session.queued.popleft()
+            session.queued_bytes -= _size(msg)
+            if not session.queued and session.dropped:
+                log.info(
+                    "queue of client %s drained; %d messages had been dropped",
+                    session.client_id,
+                    session.dropped,
+                )
+                session.dropped = 0
             session.last_pid = pid = session.last_pid % 65535 + 1
             while pid in session.inflight:
                 session.last_pid = pid = pid % 65535 + 1
@@ -290,16 +349,25 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         port: int = 0,
         max_packet_size: int = MAX_PACKET_SIZE,
-        max_queued: int = 10_000,
+        max_queued: int = MAX_QUEUED,
         max_inflight: int = MAX_INFLIGHT,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
+        if max_queued < 1 or max_queued_bytes < 1:
+            raise ValueError("max_queued and max_queued_bytes must be >= 1")
         self.host = host
         self.port = port  # the bound port after start(); start() again reuses it
-        self._core = _Core(max_packet_size, max_queued, max_inflight)
+        self._core = _Core(max_packet_size, max_queued, max_inflight, max_queued_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+
+    def queued(self, client_id: str) -> tuple[int, int]:
+        """(messages, bytes) waiting in the queue of session ``client_id`` (0, 0 if none).
+        Read from another thread: a snapshot, for tools and tests."""
+        session = self._core.sessions.get(client_id)
+        return (0, 0) if session is None else (len(session.queued), session.queued_bytes)
 
     @property
     def running(self) -> bool:
@@ -394,6 +462,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fl_protocol.broker", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument(
+        "--max-queued-messages",
+        type=int,
+        default=MAX_QUEUED,
+        help="messages one session may queue; beyond, the oldest are dropped",
+    )
+    parser.add_argument(
+        "--max-queued-bytes",
+        type=int,
+        default=MAX_QUEUED_BYTES,
+        help="bytes one session may queue; beyond, the oldest messages are dropped",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -402,7 +482,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    broker = EmbeddedBroker(args.host, args.port)
+    broker = EmbeddedBroker(
+        args.host,
+        args.port,
+        max_queued=args.max_queued_messages,
+        max_queued_bytes=args.max_queued_bytes,
+    )
     try:
         port = broker.start()
     except OSError as exc:

@@ -228,8 +228,11 @@ class NodeThread(threading.Thread):
         codec: str = "fp16",
         chunk_size: int = 16 * 1024,
         resend_after_s: float = 3.0,
+        make_update: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ) -> None:
         super().__init__(name=f"node-{node.node}", daemon=True)
+        # (round, global weights) -> the delta to send; None: a small random one (honest)
+        self.make_update = make_update
         self.node = node
         self.num_samples = num_samples
         self.final_version = final_version
@@ -279,6 +282,8 @@ class NodeThread(threading.Thread):
                     )
                     for k, v in weights.items()
                 }
+                if self.make_update is not None:
+                    delta = self.make_update(rnd, weights)
                 self.sent[rnd] = delta
                 self.node.send_update(
                     delta, self.num_samples, codec=self.codec, chunk_size=self.chunk_size

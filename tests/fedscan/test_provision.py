@@ -198,9 +198,10 @@ def test_acl_grants_each_node_its_own_topics_only(fed: Path) -> None:
             current.append(rule)
     assert set(blocks) == {"coordinator", "a", "b", "c"}
     assert blocks["a"] == [
-        "topic write fl/hosp/round/+/update/a/#",
+        "topic write fl/hosp/round/+/update/a/manifest",
+        "topic write fl/hosp/round/+/update/a/chunk/+",
         "topic write fl/hosp/round/+/metrics/a",
-        "topic write fl/hosp/node/a/#",
+        "topic write fl/hosp/node/a/status",
         "topic read fl/hosp/global/#",
         "topic read fl/hosp/round/+/ack/a",
     ]
@@ -282,7 +283,7 @@ def test_add_node_issues_a_kit_and_grants_it_rights(fresh: Path) -> None:
     PolicyBuilder().store(Store([ca])).build_client_verifier().verify(leaf, [])
     assert mode(fresh / "kits" / "d" / KIT.key) == 0o600
     acl = (fresh / "broker" / "acl").read_text()
-    assert "user d\ntopic write fl/hosp/round/+/update/d/#" in acl
+    assert "user d\ntopic write fl/hosp/round/+/update/d/manifest" in acl
     coord = fresh / "kits" / "coordinator"
     assert (coord / KIT.nodes_dir / "d.pub").read_bytes() == (
         fresh / "kits" / "d" / KIT.signing_pub

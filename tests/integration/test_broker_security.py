@@ -300,6 +300,33 @@ def test_node_publishes_its_own_topics(fed: Federation, coordinator: Peer) -> No
     b.close()
 
 
+def test_node_cannot_store_retained_messages_beside_its_status(
+    fed: Federation, coordinator: Peer
+) -> None:
+    """Issue 14: node a used to store any number of 1 MiB retained messages under
+    fl/F/node/a/#. The ACL now grants only fl/F/node/a/status (and the exact update topics):
+    retained junk under other subtopics is dropped, nobody connecting later receives it, and
+    a's retained status still goes through."""
+    a = fed.connect("a")
+    junk = [f"fl/{F}/node/a/junk/{i}" for i in range(20)]
+    junk += [f"fl/{F}/node/a/status/extra", f"fl/{F}/round/1/update/a/other/0"]
+    for topic in junk:
+        a.publish(topic, b"j" * 1024 * 1024, retain=True)
+    sentinel = f"fl/{F}/node/a/status"
+    a.publish(sentinel, b"online", retain=True)
+    assert coordinator.wait_topic(sentinel)
+    assert not set(junk) & set(coordinator.topics())
+    late = fed.connect("coordinator")  # replaces the fixture's connection: fine at the end
+    late.subscribe(f"fl/{F}/node/#")
+    late.subscribe(f"fl/{F}/round/#")
+    assert late.wait_topic(sentinel)  # the retained status is served ...
+    time.sleep(0.5)
+    assert not set(junk) & set(late.topics())  # ... and nothing else was stored
+    late.close()
+    a.publish(sentinel, b"", retain=True)  # clear it: later tests use it as a sentinel
+    a.close()
+
+
 def test_node_reads_global_and_only_its_own_acks(fed: Federation, coordinator: Peer) -> None:
     """Node a may subscribe to broad filters, but the broker delivers only what a may read:
     the global model and its own acks, not b's acks nor b's updates."""
