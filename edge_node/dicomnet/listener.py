@@ -20,7 +20,6 @@ import logging
 import os
 import ssl
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +74,13 @@ class InstanceWriter:
         self.dest = dest
         self.staging = dest / STAGING
         self.staging.mkdir(parents=True, exist_ok=True)
-        self._dirs_made: set[Path] = set()
-        self._lock = threading.Lock()
 
     def write(self, data: bytes, sop_instance_uid: str) -> Path:
         study = study_uid_of(data) or "unknown-study"
         folder = self.dest / uid_hash(study)
         target = folder / f"{uid_hash(sop_instance_uid)}.dcm"
-        with self._lock:
-            if folder not in self._dirs_made:
-                folder.mkdir(parents=True, exist_ok=True)
-                self._dirs_made.add(folder)
+        folder.mkdir(parents=True, exist_ok=True)  # each time: an operator may tidy up
+        self.staging.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.staging, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:

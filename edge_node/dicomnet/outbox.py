@@ -5,6 +5,7 @@ Layout under ``root`` (``<state_dir>/outbox``)::
     pending/<key>.dcm        Part-10 file, written atomically (fsynced temp file + rename)
     pending/<key>.dcm.json   attempt count, last error, next attempt time (only after a failure)
     sent/<key>.dcm           delivered; kept as a record (small SR/SC objects)
+    failed/<key>.dcm         cannot ever be sent (not a readable DICOM file), with .reason.json
 
 ``key`` is a hash of the SOP Instance UID, so enqueueing the same object twice replaces it
 (the PACS sees it once) and no file name carries a UID. A crash at any point leaves either the
@@ -95,6 +96,7 @@ class Outbox:
         self.root = Path(root)
         self.pending_dir = self.root / "pending"
         self.sent_dir = self.root / "sent"
+        self.failed_dir = self.root / "failed"
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.pending_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +151,20 @@ class Outbox:
         with self._lock:
             os.replace(path, target)
             self._sidecar(path).unlink(missing_ok=True)
+        return target
+
+    def mark_unsendable(self, path: Path, reason: str) -> Path:
+        """Move an object that can never be sent (unreadable) to ``failed/`` with its reason."""
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        target = self.failed_dir / path.name
+        with self._lock:
+            os.replace(path, target)
+            self._sidecar(path).unlink(missing_ok=True)
+            write_atomic(
+                target.with_name(target.name + ".reason.json"),
+                json.dumps({"reason": reason[:200], "at": time.time()}).encode(),
+            )
+        log.error("outbox: %s cannot be sent (%s): moved to failed/", path.name, reason)
         return target
 
     def mark_failed(self, path: Path, reason: str, now: float | None = None) -> Attempts:

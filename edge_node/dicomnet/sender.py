@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -138,8 +139,13 @@ class Sender:
             try:
                 meta = read_file_meta_info(path)
                 metas.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-            except (OSError, ValueError, AttributeError) as exc:
-                self._failed(path, f"unreadable outbox file: {type(exc).__name__}")
+            except FileNotFoundError:
+                continue  # re-enqueued or moved meanwhile
+            except (InvalidDicomError, ValueError, AttributeError, KeyError) as exc:
+                self.stats.add("send_failures")
+                self.outbox.mark_unsendable(path, f"not a readable DICOM file: {exc}")
+            except OSError as exc:
+                self._failed(path, f"outbox file not readable: {exc.strerror}")
         if not metas:
             return 0
         t0 = time.monotonic()

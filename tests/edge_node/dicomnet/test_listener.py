@@ -124,3 +124,28 @@ def test_crash_leftovers_in_staging_are_removed_at_start(tmp_path: Path) -> None
         assert not list(staging.iterdir())
     finally:
         scp.stop()
+
+
+def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    """Starting the node's DICOM services on a port another program holds stops the node with
+    a configuration error naming the address (exit 2), not a traceback."""
+    import socket
+
+    from edge_node.config import config_from_dict
+    from edge_node.dicomnet.services import DicomServices
+    from edge_node.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        paths = {"inbox": "in", "state_dir": "st", "quarantine_dir": "q", "model_dir": "m"}
+        raw = {
+            "node_id": "n",
+            "paths": paths,
+            "dicom": {"listener": {"enabled": True, "port": port}},
+        }
+        services = DicomServices(config_from_dict(raw, tmp_path), DicomStats())
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+            services.start()
+        services.stop()

@@ -129,3 +129,17 @@ def test_sender_loop_wakes_on_enqueue_from_another_outbox_object(tmp_path: Path)
             assert time.monotonic() - t0 < 1.0
         finally:
             sender.stop()
+
+
+def test_unreadable_outbox_file_is_set_aside_and_the_rest_is_sent(tmp_path: Path) -> None:
+    """A file in pending/ that is not DICOM (a foreign drop) moves to failed/ with its reason;
+    it does not hold up the valid object queued beside it."""
+    box = Outbox(tmp_path / "outbox")
+    good = box.enqueue(_results(tmp_path, 1)[0])
+    junk = box.pending_dir / "junk.dcm"
+    junk.write_bytes(b"not dicom at all" * 20)
+    with RecordingScp() as pacs:
+        assert Sender(box, DicomStats(), pacs=_pacs(pacs.port)).run_once() == 1
+    assert box.pending() == [] and (box.sent_dir / good.name).is_file()
+    assert (box.failed_dir / "junk.dcm").is_file()
+    assert "not a readable DICOM file" in (box.failed_dir / "junk.dcm.reason.json").read_text()
