@@ -446,12 +446,15 @@
 
   // -- labels -------------------------------------------------------------------------------
 
+  // The reader's initials sign every label; the viewer has its own field (a modal dialog
+  // makes the page behind it unreachable), kept in step with the one in the filter bar.
   function reader(msgEl) {
-    const who = whoInput.value.trim();
+    const input = viewer.open ? $("viewer-who") : whoInput;
+    const who = input.value.trim();
     if (!who) {
-      msgEl.textContent = "Enter your initials as Reader (top right) first.";
+      msgEl.textContent = "Enter your initials as Reader first: labels are signed with them.";
       msgEl.classList.add("error");
-      whoInput.focus();
+      input.focus();
       return null;
     }
     return who;
@@ -625,8 +628,14 @@
     syncUrl();
     load(true);
   });
-  whoInput.value = window.localStorage.getItem("fedscan.reader") || "";
-  whoInput.addEventListener("change", () => window.localStorage.setItem("fedscan.reader", whoInput.value.trim()));
+  const viewerWho = $("viewer-who");
+  whoInput.value = viewerWho.value = window.localStorage.getItem("fedscan.reader") || "";
+  for (const [input, other] of [[whoInput, viewerWho], [viewerWho, whoInput]]) {
+    input.addEventListener("input", () => {
+      other.value = input.value;
+      window.localStorage.setItem("fedscan.reader", input.value.trim());
+    });
+  }
   const slicesLink = $("slices-link");
   slicesLink.setAttribute("href", withToken(slicesLink.getAttribute("href")));
 
