@@ -69,7 +69,6 @@ class RefusedModels:
         """Move ``path`` aside with ``reason``; put the served model back when we have it."""
         with self._lock:
             ts = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            self.folder.mkdir(parents=True, exist_ok=True)
             stem = f"{self.path.stem}.{ts}"
             for i in range(1, 1000):
                 if not (self.folder / f"{stem}.onnx").exists():
@@ -77,9 +76,17 @@ class RefusedModels:
                 stem = f"{self.path.stem}.{ts}-{i}"
             dst = self.folder / f"{stem}.onnx"
             try:
+                self.folder.mkdir(parents=True, exist_ok=True)
                 os.replace(self.path, dst)
             except FileNotFoundError:
                 return None  # replaced or removed meanwhile: nothing to move aside
+            except OSError as exc:  # a read-only model folder: the file stays, the old model serves
+                log.error("refused model file %s not moved aside: %s", self.path.name, exc.strerror)
+                self.count += 1
+                self.last = Refusal(
+                    file=self.path.name, reason=reason, at=time.time(), restored=False
+                )
+                return self.last
             restored = self._restore(served_sha256)
             refusal = Refusal(
                 file=str(dst.relative_to(self.path.parent)),
