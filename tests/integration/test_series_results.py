@@ -112,3 +112,45 @@ def test_chest_series_gets_results_head_series_is_skipped(
     )
     assert (name, pid, acc) == ("Doe^Jane", "TP-001", "ACC-1001")
     shutil.rmtree(tmp_path / "c", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_open_series_completes_after_a_restart(tmp_path: Path) -> None:
+    """A node stopped (SIGTERM) while a predicted series waits out its quiet time leaves it
+    open; the next start of the same node completes it and queues its results."""
+    toml = SERIES_TOML.replace("quiet_time_s = 1.0", "quiet_time_s = 10.0")  # > stop time
+    node = NodeProcess(tmp_path / "node", extra_toml=toml, chest_only=True)
+    make_classifier(tmp_path / "node" / "models" / "current.onnx", version="3")
+    study = new_study("Roe^Rick", "TP-002", "ACC-2", "CT CHEST", "20240103")
+    try:
+        node.start()
+        chest = _deliver(
+            write_chest_series(tmp_path / "c", study, hu_offsets=[0.0, 30.0]),
+            node.inbox / "chest",
+        )
+        uid = str(pydicom.dcmread(chest[0], stop_before_pixels=True).SeriesInstanceUID)
+        wait_for(
+            lambda: (
+                node.query("SELECT COUNT(*) FROM predictions WHERE series_instance_uid = ?", (uid,))
+                == [(2,)]
+            ),
+            30,
+            "both slices predicted",
+        )
+        assert node.terminate() == 0
+        assert node.query("SELECT status FROM series WHERE series_instance_uid = ?", (uid,)) == [
+            ("open",)
+        ]
+        node.start()
+        wait_for(
+            lambda: node.query(
+                "SELECT 1 FROM series WHERE series_instance_uid = ? AND status = 'complete'"
+                " AND results_json LIKE '%\"sr\"%'",
+                (uid,),
+            ),
+            60,
+            "the series completed by the restarted node",
+        )
+        assert node.terminate() == 0
+    finally:
+        node.kill()
