@@ -174,11 +174,16 @@ class Listener:
         return self.port
 
     def stop(self) -> None:
-        """Stop accepting; associations in progress are closed (their last C-STORE not acked)."""
+        """Stop accepting and abort associations in progress: an instance being written is
+        finished (or left in staging, removed at the next start), the rest is not acknowledged,
+        so the sender keeps it and sends it again."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            log.info("dicom listener stopped")
+            active = [a for a in self.ae.active_associations if a.is_acceptor]
+            for assoc in active:
+                assoc.abort()
+            log.info("dicom listener stopped (%d association(s) aborted)", len(active))
 
     # -- event handlers (pynetdicom threads) -------------------------------------------------
     def _on_store(self, event: Any) -> int:

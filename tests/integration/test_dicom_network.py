@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from edge_node.dicomnet.listener import uid_hash
 from edge_node.dicomnet.outbox import Outbox
 from fedscan.bench.dicom_peers import RecordingScp, dcmtk, dcmtk_available, echo, free_port
 from tests.helpers.dicom_factory import sample_path, write_secondary_capture, write_series
@@ -106,3 +107,40 @@ def test_outbox_survives_pacs_down_and_node_kill(node: NodeProcess, tmp_path: Pa
         time.sleep(2.0)  # a duplicate would arrive within a retry period (<= 1 s)
     assert sorted(uid for uid, _, _ in pacs.received) == sorted(uids)
     assert box.pending() == []
+
+
+def test_sigterm_during_a_transfer_loses_nothing(node: NodeProcess, tmp_path: Path) -> None:
+    """SIGTERM while storescu is sending 120 slices: the node exits 0, every file it wrote is a
+    complete instance, storescu sees the rest fail; after the restart every received slice is
+    predicted and a resend of the whole series completes it."""
+    port = _dicom_port(node)
+    files = write_series(sample_path("693_UNCR.dcm"), tmp_path / "big", 120, body_part="CHEST")
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    dest = node.inbox / "dicom-in" / uid_hash(str(study))
+    cmd = [dcmtk("storescu"), "-aet", "MODALITY", "-aec", "FEDSCAN", "127.0.0.1", str(port)]
+    scu = subprocess.Popen([*cmd, *map(str, files)], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(list(dest.glob("*.dcm"))) >= 10, 60, "10 slices received")
+        assert node.terminate() == 0
+        scu.wait(60)
+    finally:
+        if scu.poll() is None:
+            scu.kill()
+            scu.wait(10)
+        if scu.stderr is not None:
+            scu.stderr.close()
+    received = {str(pydicom.dcmread(f).SOPInstanceUID) for f in dest.glob("*.dcm")}  # all parse
+    assert 10 <= len(received) < 120 and received <= set(uids)
+    node.start()
+    port = _dicom_port(node)
+    result = subprocess.run([*cmd[:-1], str(port), *map(str, files)], capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+
+    def predicted() -> int:
+        marks = ",".join("?" * len(uids))
+        sql = "SELECT COUNT(DISTINCT sop_instance_uid) FROM predictions"
+        sql += f" WHERE sop_instance_uid IN ({marks})"
+        return int(node.query(sql, tuple(uids))[0][0])
+
+    wait_for(lambda: predicted() == 120, 120, "all 120 slices predicted once")
