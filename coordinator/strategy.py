@@ -121,7 +121,10 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     # True when the strategy cannot stream (it reads every update tensor by tensor instead)
     needs_all_updates: ClassVar[bool] = False
-    # True when updates count by their sample claims (then capped, see coordinator.aggregate)
+    # True when updates count by their sample claims. The coordinator then hands each update
+    # its CAPPED claim as ``num_samples`` (coordinator.aggregate.screen_updates); with False
+    # every update arrives with num_samples = 1, so a strategy that weighs by samples must set
+    # this to True (FedAvg and its subclasses do, from their ``weighted`` argument)
     weighted: bool = False
 
     @abstractmethod
