@@ -109,19 +109,20 @@ def test_outbox_survives_pacs_down_and_node_kill(node: NodeProcess, tmp_path: Pa
     assert box.pending() == []
 
 
+@pytest.mark.slow  # ~18 s (a node restart): outside `make test`, in the full suite
 def test_sigterm_during_a_transfer_loses_nothing(node: NodeProcess, tmp_path: Path) -> None:
-    """SIGTERM while storescu is sending 120 slices: the node exits 0, every file it wrote is a
+    """SIGTERM while storescu is sending 60 slices: the node exits 0, every file it wrote is a
     complete instance, storescu sees the rest fail; after the restart every received slice is
     predicted and a resend of the whole series completes it."""
     port = _dicom_port(node)
-    files = write_series(sample_path("693_UNCR.dcm"), tmp_path / "big", 120, body_part="CHEST")
+    files = write_series(sample_path("693_UNCR.dcm"), tmp_path / "big", 60, body_part="CHEST")
     uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
     study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     dest = node.inbox / "dicom-in" / uid_hash(str(study))
     cmd = [dcmtk("storescu"), "-aet", "MODALITY", "-aec", "FEDSCAN", "127.0.0.1", str(port)]
     scu = subprocess.Popen([*cmd, *map(str, files)], stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: len(list(dest.glob("*.dcm"))) >= 10, 60, "10 slices received")
+        wait_for(lambda: len(list(dest.glob("*.dcm"))) >= 5, 60, "5 slices received")
         assert node.terminate() == 0
         scu.wait(60)
     finally:
@@ -131,7 +132,7 @@ def test_sigterm_during_a_transfer_loses_nothing(node: NodeProcess, tmp_path: Pa
         if scu.stderr is not None:
             scu.stderr.close()
     received = {str(pydicom.dcmread(f).SOPInstanceUID) for f in dest.glob("*.dcm")}  # all parse
-    assert 10 <= len(received) < 120 and received <= set(uids)
+    assert 5 <= len(received) < 60 and received <= set(uids)
     node.start()
     port = _dicom_port(node)
     result = subprocess.run([*cmd[:-1], str(port), *map(str, files)], capture_output=True)
@@ -143,4 +144,4 @@ def test_sigterm_during_a_transfer_loses_nothing(node: NodeProcess, tmp_path: Pa
         sql += f" WHERE sop_instance_uid IN ({marks})"
         return int(node.query(sql, tuple(uids))[0][0])
 
-    wait_for(lambda: predicted() == 120, 120, "all 120 slices predicted once")
+    wait_for(lambda: predicted() == 60, 120, "all 60 slices predicted once")
