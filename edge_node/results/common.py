@@ -49,6 +49,24 @@ class SeriesFinding:
     slices: Sequence[SliceScore] = ()
 
     @property
+    def content_key(self) -> str:
+        """What the result objects say, as text: their UIDs derive from it, so the same finding
+        queued again replaces itself while a changed one (a late slice) gets new UIDs."""
+        score = "-" if self.score is None else f"{self.score:.6f}"
+        return "/".join(
+            (
+                self.series_instance_uid,
+                self.model_version,
+                self.rule,
+                self.verdict,
+                score,
+                str(self.n_slices_used),
+                f"{self.threshold:g}",
+                f"{self.uncertain_band:g}",
+            )
+        )
+
+    @property
     def calibration_text(self) -> str:
         """Plain words for the model's state, as every result object shows it."""
         if self.untrained:

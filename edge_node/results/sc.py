@@ -76,7 +76,7 @@ def render(finding: SeriesFinding, keys: Sequence[KeySlice]) -> np.ndarray:
 def build_sc(finding: SeriesFinding, source: Dataset, keys: Sequence[KeySlice]) -> hd.sc.SCImage:
     """The SC of one complete series; ``source`` is one of its instances (header only)."""
     pixels = render(finding, keys)
-    key = f"fedscan-sc/{finding.series_instance_uid}/{finding.model_version}/{finding.rule}"
+    key = f"fedscan-sc/{finding.content_key}"
 
     def get(keyword: str) -> str | None:
         value = source.get(keyword)
@@ -88,7 +88,7 @@ def build_sc(finding: SeriesFinding, source: Dataset, keys: Sequence[KeySlice]) 
         bits_allocated=8,
         coordinate_system="PATIENT",
         study_instance_uid=str(source.StudyInstanceUID),
-        series_instance_uid=new_uid(key + "/series"),
+        series_instance_uid=new_uid(f"fedscan-sc-series/{finding.series_instance_uid}"),
         series_number=SERIES_NUMBER,
         sop_instance_uid=new_uid(key + "/instance"),
         instance_number=1,

@@ -85,7 +85,7 @@ def build_sr(
             setattr(ref, kw, src.get(kw))
         evidence.append(ref)
 
-    key = f"fedscan-sr/{finding.series_instance_uid}/{finding.model_version}/{finding.rule}"
+    key = f"fedscan-sr/{finding.content_key}"
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -139,7 +139,7 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=new_uid(key + "/series"),
+        series_instance_uid=new_uid(f"fedscan-sr-series/{finding.series_instance_uid}"),
         series_number=SERIES_NUMBER,
         sop_instance_uid=new_uid(key + "/instance"),
         instance_number=1,

@@ -115,3 +115,20 @@ def test_sr_content_reads_in_dcmtk(series: list[Path], tmp_path: Path) -> None:
         "Image Library",
     ):
         assert needle in text, text
+
+
+def test_uids_follow_the_content(series: list[Path], tmp_path: Path) -> None:
+    """The same finding queued twice replaces itself (same SOP Instance UID, one file per
+    object); a changed finding (a late slice) gets new instance UIDs in the same result
+    series."""
+    import dataclasses
+
+    finding = _finding(series)
+    rows = {"paths": [str(p) for p in series]}
+    publish = ResultPublisher(tmp_path / "outbox", sc=False)
+    first, again = publish(finding, rows), publish(finding, rows)
+    assert first["sr"]["sop_instance_uid"] == again["sr"]["sop_instance_uid"]
+    assert len(list((tmp_path / "outbox" / "pending").glob("*.dcm"))) == 1
+    changed = publish(dataclasses.replace(finding, score=0.8, n_slices_used=6), rows)
+    assert changed["sr"]["sop_instance_uid"] != first["sr"]["sop_instance_uid"]
+    assert changed["sr"]["series_instance_uid"] == first["sr"]["series_instance_uid"]
