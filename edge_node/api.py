@@ -109,7 +109,7 @@ class NodeApi:
         ]
         cfg = self.node.config.api
         guard = Middleware(
-            RequestGuard,  # type: ignore[arg-type]
+            RequestGuard,
             hosts=allowed_host_names(cfg.host, cfg.allowed_hosts),
             upload_types=UPLOAD_TYPES,
             max_upload_bytes=self.max_upload,

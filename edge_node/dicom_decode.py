@@ -60,7 +60,6 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_fragmented_frames, generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filebase import DicomBytesIO, DicomIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as pydicom_read_dataset
 from pydicom.pixels import pixel_array
@@ -178,8 +177,7 @@ def read_dataset(
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     deflated = _split_deflated(data)
     if deflated is not None:
-        ds = _read_deflated(data, *deflated, stop_before_pixels, cap)
-        return _finish_read(ds)
+        return _finish_read(_read_deflated(data, *deflated, stop_before_pixels, cap))
     try:
         ds: Dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
@@ -245,7 +243,7 @@ def inflate(data: bytes, max_bytes: int, what: str) -> bytes:
 def _split_deflated(data: bytes) -> tuple[bytes | None, FileMetaDataset, int] | None:
     """(preamble, file meta, offset of the dataset) when the file meta names Deflated Explicit
     VR Little Endian; None otherwise (pydicom then reads the file as usual)."""
-    fp = DicomBytesIO(data)
+    fp = io.BytesIO(data)
     try:
         preamble = read_preamble(fp, True)
         meta = _read_file_meta_info(fp)
@@ -274,7 +272,7 @@ def _read_deflated(
         return stop_before_pixels and tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
 
     try:
-        dataset = pydicom_read_dataset(DicomIO(buffer), False, True, stop_when=at_pixels)
+        dataset = pydicom_read_dataset(buffer, False, True, stop_when=at_pixels)
     except (EOFError, OSError, struct.error, BytesLengthException) as exc:
         raise input_error(NotDicomError, "truncated", f"cut off: {_short(exc)}") from exc
     except _PARSE_ERRORS as exc:
