@@ -127,10 +127,44 @@ def audit_until_complete(config: NodeConfig, wait_s: float, poll_s: float = 0.5)
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
+def which(config: NodeConfig, tag: str) -> list[tuple[str, str, str | None]]:
+    """(path relative to the inbox, outcome, reason) of the recorded files whose log tag
+    (``edge_node.quarantine.path_tag``) is ``tag``: the logs name files by tag only."""
+    from edge_node.quarantine import path_tag
+
+    db = config.paths.database
+    if not db.exists():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = con.execute("SELECT path, outcome, reason FROM files").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read node state {db}: {exc}") from exc
+    root = config.paths.inbox.resolve()
+    found = []
+    for path, outcome, reason in rows:
+        if path_tag(path) == tag:
+            p = Path(path)
+            found.append(
+                (str(p.relative_to(root)) if p.is_relative_to(root) else str(p), outcome, reason)
+            )
+    return found
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.wait is not None and args.wait < 0:
         raise ConfigError("--wait must be >= 0 seconds")
     config = load_config(Path(args.config))
+    if args.which:
+        hits = which(config, args.which)
+        for rel, outcome, reason in hits:
+            print(f"{rel}: {outcome}" + (f" ({reason})" if reason else ""))
+        if not hits:
+            print(f"no recorded file has the tag {args.which}", file=sys.stderr)
+        return 0 if hits else SOME_INPUTS_FAILED
     report = audit_until_complete(config, args.wait or 0.0)
     if args.json:
         json.dump(asdict(report), sys.stdout)
@@ -151,6 +185,11 @@ def add_subcommands(node_sub: Any) -> None:
     p.add_argument("--config", required=True, help="node.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--strict", action="store_true", help="exit 9 when files are missing")
+    p.add_argument(
+        "--which",
+        metavar="TAG",
+        help="the file a log line names by TAG: its inbox path and outcome (exit 9 if none)",
+    )
     p.add_argument(
         "--wait",
         type=float,

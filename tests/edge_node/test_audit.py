@@ -184,6 +184,12 @@ def test_ignored_files_and_dangling_links_get_one_skipped_row_each(
                 assert any(m.startswith(line) for m in logged), (line, logged)
             caplog.clear()
     assert sorted(rows) == sorted(first_rows)  # not even updated_at moved
+    from edge_node.quarantine import path_tag
+
+    tag = path_tag(inbox.resolve() / "ct" / "notes.txt")  # as a log line without log_paths
+    code, out = _cli(cfg, "--which", tag)
+    assert code == 0 and out.startswith(f"{os.path.join('ct', 'notes.txt')}: skipped (")
+    assert _cli(cfg, "--which", "0123456789")[0] == 9
 
 
 def test_missing_lists_unrecorded_and_rewritten_files(tmp_path: Path) -> None:
