@@ -8,6 +8,8 @@ pipeline records as the file's skip reason, before any inference:
              BodyPartExamined names a non-chest region   not_chest:body_part=HEAD
              ProtocolName / SeriesDescription name a non-chest region or a scout,
              without naming the chest               not_chest:protocol=... / description=...
+             ConvolutionKernel is a head kernel (Siemens H30s, Hr40; "BRAIN")
+                                                    not_chest:kernel=H30S
     content  (``hu`` pipeline, no header says CHEST) too little lung-like air inside the
              body: pixels at HU < -400 within the filled body outline   not_chest:no_lung_air
 
@@ -48,6 +50,9 @@ _NOT_CHEST_WORDS = re.compile(
     r"C-?SPINE|ABDOMEN|ABD|PELVIS|LIVER|RENAL|KIDNEYS?|KNEE|ANKLE|FOOT|HAND|WRIST|ELBOW|"
     r"SHOULDER|HIP|FEMUR|EXTREMITY|SCOUT|TOPOGRAM|SCANOGRAM|SURVIEW|LOCALI[SZ]ER)\b"
 )
+# Reconstruction kernels only used for the head: Siemens H.. / Hr.. (H30s, Hr40), or a kernel
+# named after the head or brain (Philips UB/UC are brain kernels too, but too short to trust).
+_HEAD_KERNEL = re.compile(r"^HR?\d{2}[A-Z]?(\\|$)")
 LUNG_AIR_HU = -400.0  # lung parenchyma and airways are below this; soft tissue is above
 BODY_HU = -500.0  # the patient's outline (skin, fat, tissue) is above this
 
@@ -99,12 +104,16 @@ def header_reason(ds: Dataset) -> str | None:
         return f"not_chest:body_part={_slug(part)}"
     if part:  # a chest body part: protocol wording does not overrule it
         return None
+    words = f"{_text(ds, 'ProtocolName')} {_text(ds, 'SeriesDescription')}"
+    if _CHEST_WORDS.search(words):
+        return None
     for keyword, tag in (("ProtocolName", "protocol"), ("SeriesDescription", "description")):
-        text = _text(ds, keyword)
-        if text and not _CHEST_WORDS.search(text):
-            hit = _NOT_CHEST_WORDS.search(text)
-            if hit:
-                return f"not_chest:{tag}={_slug(hit.group(0))}"
+        hit = _NOT_CHEST_WORDS.search(_text(ds, keyword))
+        if hit:
+            return f"not_chest:{tag}={_slug(hit.group(0))}"
+    kernel = _text(ds, "ConvolutionKernel")
+    if _HEAD_KERNEL.match(kernel) or _NOT_CHEST_WORDS.search(kernel):
+        return f"not_chest:kernel={_slug(kernel)}"
     return None
 
 

@@ -31,6 +31,11 @@ def _header(**tags: object) -> Dataset:
         ({"BodyPartExamined": "CHEST", "SeriesDescription": "HEAD"}, None),  # body part wins
         ({"SeriesDescription": "Thorax neck 1.0"}, None),  # names the chest
         ({"SeriesDescription": "5/5mm Plain"}, None),  # no hint: the content decides
+        ({"ConvolutionKernel": "H30s"}, "not_chest:kernel=H30S"),  # Siemens head kernel
+        ({"ConvolutionKernel": ["Hr40", "3"]}, "not_chest:kernel=HR40_3"),
+        ({"ConvolutionKernel": "B70f"}, None),  # body kernels say nothing
+        ({"ConvolutionKernel": "STANDARD"}, None),
+        ({"ConvolutionKernel": "H30s", "SeriesDescription": "Thorax"}, None),
     ],
 )
 def test_header_rules(tags: dict[str, object], reason: str | None) -> None:
