@@ -16,6 +16,7 @@ import pytest
 
 from edge_node.dicomnet.listener import uid_hash
 from edge_node.dicomnet.outbox import Outbox
+from fedscan.bench.dicom import SR_PREFIX, set_toml
 from fedscan.bench.dicom_peers import RecordingScp, dcmtk, dcmtk_available, echo, free_port
 from tests.helpers.dicom_factory import sample_path, write_secondary_capture, write_series
 from tests.helpers.onnx_models import make_classifier
@@ -49,6 +50,9 @@ timeout_s = 5
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     folder = tmp_path_factory.mktemp("dicom-node")
     n = NodeProcess(folder, extra_toml=DICOM_TOML)
+    # series complete 2 s after their last slice: the SR of the first test's series is queued
+    # while the PACS is still down, and must reach it in the second test
+    n.toml.write_text(set_toml(n.toml.read_text(), "series", "quiet_time_s", "2.0"))
     make_classifier(folder / "models" / "current.onnx", version="1")
     n.start()
     yield n
@@ -89,9 +93,13 @@ def test_storescu_series_is_received_and_predicted(node: NodeProcess, tmp_path: 
 
 
 def test_outbox_survives_pacs_down_and_node_kill(node: NodeProcess, tmp_path: Path) -> None:
-    """With the PACS down, queued results fail and back off; the node is SIGKILLed and
+    """With the PACS down, queued results (three objects queued here, and the SR the node made
+    for the series of the previous test) fail and back off; the node is SIGKILLed and
     restarted; then the PACS comes up and receives every object exactly once."""
     box = Outbox(node.folder / "state" / "outbox")
+    completed = "SELECT study_instance_uid FROM series WHERE status = 'complete'"
+    studies = wait_for(lambda: node.query(completed), 60, "the received series complete")
+    wait_for(lambda: len(box.pending()) >= 1, 30, "the series results queued")
     uids = []
     for i in range(3):
         pixels = np.full((32, 32), 40 * i, dtype=np.uint8)
@@ -99,13 +107,21 @@ def test_outbox_survives_pacs_down_and_node_kill(node: NodeProcess, tmp_path: Pa
         box.enqueue(ds)
         uids.append(str(ds.SOPInstanceUID))
     wait_for(lambda: all(box.attempts(p).count >= 1 for p in box.pending()), 30, "failed tries")
-    assert len(box.pending()) == 3
+    queued = len(box.pending())
+    assert queued >= 4
     node.kill()
     node.start()
-    with RecordingScp(port=PACS_PORT) as pacs:
-        wait_for(lambda: len(pacs.received) >= 3, 30, "3 objects at the PACS")
+    with RecordingScp(port=PACS_PORT, folder=tmp_path / "pacs") as pacs:
+        wait_for(lambda: len(pacs.received) >= queued, 30, f"{queued} objects at the PACS")
         time.sleep(2.0)  # a duplicate would arrive within a retry period (<= 1 s)
-    assert sorted(uid for uid, _, _ in pacs.received) == sorted(uids)
+    got = [uid for uid, _, _ in pacs.received]
+    assert len(got) == len(set(got)) == queued and set(uids) <= set(got)
+    reports = [
+        pydicom.dcmread(f)
+        for f, cls in zip(sorted((tmp_path / "pacs").iterdir()), pacs.sop_classes, strict=True)
+        if cls.startswith(SR_PREFIX)
+    ]
+    assert [str(sr.StudyInstanceUID) for sr in reports] == [studies[0][0]]
     assert box.pending() == []
 
 
