@@ -519,6 +519,7 @@
   function showViewerSlice() {
     const v = state.viewer;
     const sl = v.slices[v.index];
+    viewer.dataset.id = String(sl.id);
     const img = $("viewer-img");
     img.src = withToken(`${sl.image}?size=512`);
     img.alt = `Slice ${v.index + 1} of ${v.slices.length}, lung window`;

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,26 +17,13 @@ import pydicom
 import pytest
 from PIL import Image
 
+from tests.helpers.cdp import CHROMIUM, Browser, Page
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.study_factory import new_study, write_chest_series, write_head_series
 from tests.integration.node_process import NodeProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    # Let the page's fetches finish before the DOM is dumped / the screenshot taken.
-    "--virtual-time-budget=8000",
-]
 # The rule is pinned so that the borderline study stays "uncertain" whatever the default.
 SERIES_TOML = '\n[series]\nquiet_time_s = 1.0\ncheck_interval_s = 0.2\nrule = "top_k_mean"\n'
 # With the tiny mean-brightness model, adding HU brightens the lung-windowed slice:
@@ -83,13 +69,20 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             node.kill()
 
 
-def _chromium(url: str, tmp: Path, *extra: str, size: str = "1400,1000") -> str:
+@pytest.fixture(scope="module")
+def browser(fed: dict[str, Any]) -> Iterator[Browser]:
+    """One headless Chromium for the module, driven over the DevTools pipe."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed")
-    profile = tmp / "chromium-profile"
-    cmd = [CHROMIUM, *FLAGS, f"--window-size={size}", f"--user-data-dir={profile}", *extra, url]
-    out = subprocess.run(cmd, capture_output=True, timeout=120, check=True)
-    return out.stdout.decode()
+    with Browser(fed["tmp"] / "chromium-profile") as b:
+        yield b
+
+
+def _open(browser: Browser, fed: dict[str, Any], path: str = "/") -> Page:
+    """A tab on the node's page, once the study list (or its error) is rendered."""
+    page = browser.open(f"http://127.0.0.1:{fed['node'].port}{path}")
+    page.wait_for("document.getElementById('status-line').textContent.length > 0")
+    return page
 
 
 def _api(fed: dict[str, Any], path: str, **kw: Any) -> httpx.Response:
@@ -99,11 +92,13 @@ def _api(fed: dict[str, Any], path: str, **kw: Any) -> httpx.Response:
     )
 
 
-def test_studies_page_shows_patients_series_verdicts_and_banner(fed: dict[str, Any]) -> None:
+def test_studies_page_shows_patients_series_verdicts_and_banner(
+    fed: dict[str, Any], browser: Browser
+) -> None:
     """The page groups the node's slices by study and series, newest first, with patient,
     accession, descriptions, the series verdicts (the head CT skipped as not chest), label
     authors, and a banner saying the model is untrained and uncalibrated."""
-    node, series, tmp = fed["node"], fed["series"], fed["tmp"]
+    node, series = fed["node"], fed["series"]
     r = _api(
         fed,
         f"/api/series/{series['TP-002']}/label",
@@ -123,7 +118,9 @@ def test_studies_page_shows_patients_series_verdicts_and_banner(fed: dict[str, A
     assert states[series["TP-001"]] == "covid" and states[series["TP-002"]] == "non_covid"
     assert states[series["TP-003"]] == "uncertain"
 
-    dom = _chromium(f"http://127.0.0.1:{node.port}/", tmp, "--dump-dom")
+    page = _open(browser, fed)
+    dom = page.html()
+    page.close()
     for text in ("Doe, Jane", "Roe, Richard", "Poe, Edgar", "ACC-1001", "TP-002", "2024-02-15"):
         assert text in dom, text
     for text in ("CT THORAX W/O CONTRAST", "Thorax 1.0 lung", "Head routine"):
@@ -137,12 +134,16 @@ def test_studies_page_shows_patients_series_verdicts_and_banner(fed: dict[str, A
     assert "Studies 1\u20133 of 3" in dom
 
 
-def test_filters_and_pagination(fed: dict[str, Any]) -> None:
+def test_filters_and_pagination(fed: dict[str, Any], browser: Browser) -> None:
     """Filters in the URL narrow the list as the page shows it; pages are server-side."""
-    node, tmp = fed["node"], fed["tmp"]
-    dom = _chromium(f"http://127.0.0.1:{node.port}/?verdict=non_covid", tmp, "--dump-dom")
+    page = _open(browser, fed, "/?verdict=non_covid")
+    dom = page.html()
+    page.close()
     assert "Roe, Richard" in dom and "Doe, Jane" not in dom and "Poe, Edgar" not in dom
-    dom = _chromium(f"http://127.0.0.1:{node.port}/?q=acc-1001&status=skipped", tmp, "--dump-dom")
+    page = _open(browser, fed, "/?q=acc-1001&status=skipped")
+    dom = page.html()
+    assert page.eval("document.getElementById('q').value") == "acc-1001"  # the form says so
+    page.close()
     assert "Doe, Jane" in dom and "Head routine" in dom and "Thorax 1.0 lung" not in dom
     assert "1 other series of this study hidden by the filter" in dom
     first = _api(fed, "/api/studies", params={"limit": "2"}).json()
@@ -152,12 +153,18 @@ def test_filters_and_pagination(fed: dict[str, Any]) -> None:
     assert _api(fed, "/api/studies", params={"limit": "201"}).status_code == 400
 
 
-def test_screenshots_of_the_list_and_the_slice_viewer(fed: dict[str, Any]) -> None:
+def test_screenshots_of_the_list_and_the_slice_viewer(
+    fed: dict[str, Any], browser: Browser
+) -> None:
     """Screenshots of the list and of one slice opened larger (the viewer); both are saved
     under the test's tmp dir and /tmp for a person to look at."""
-    node, series, tmp = fed["node"], fed["series"], fed["tmp"]
+    series, tmp = fed["series"], fed["tmp"]
     shot = tmp / "studies-page.png"
-    _chromium(f"http://127.0.0.1:{node.port}/", tmp, f"--screenshot={shot}", size="1400,1560")
+    page = _open(browser, fed)
+    page.resize(1400, 1560)
+    page.images_loaded()
+    shot.write_bytes(page.screenshot())
+    page.close()
     img = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("RGB"), dtype=np.float32)
     assert img.shape == (1560, 1400, 3)
     # The verdict badges are coloured: the covid orange is on the page, not only grey text.
@@ -170,7 +177,49 @@ def test_screenshots_of_the_list_and_the_slice_viewer(fed: dict[str, Any]) -> No
     big = _api(fed, f"/api/images/{pid}.png", params={"size": "512"})
     assert Image.open(io.BytesIO(big.content)).size == (512, 512)
     viewer = tmp / "slice-viewer.png"
-    _chromium(f"http://127.0.0.1:{node.port}/#slice={pid}", tmp, f"--screenshot={viewer}")
+    page = _open(browser, fed, f"/#slice={pid}")
+    page.resize(1400, 1000)
+    page.wait_for("document.getElementById('viewer').open")
+    page.images_loaded()
+    viewer.write_bytes(page.screenshot())
+    page.close()
     view = np.asarray(Image.open(viewer).convert("L"), dtype=np.float32)
     assert view.shape == (1000, 1400)
     shutil.copyfile(viewer, "/tmp/fedscan-viewer.png")
+
+
+def test_labelling_from_the_page_with_mouse_and_keyboard(
+    fed: dict[str, Any], browser: Browser
+) -> None:
+    """In Chromium, a reader enters initials, labels a whole series with its button, opens a
+    slice, steps to the next with the arrow key and labels it with N; both labels are stored
+    under the reader's name (the browser's own POSTs pass the API's Origin check) and shown."""
+    series, tmp = fed["series"], fed["tmp"]
+    poe, doe = series["TP-003"], series["TP-001"]
+    row = "document.querySelector('tr.series[data-series-uid=\"{}\"]')"
+    page = _open(browser, fed)
+    page.wait_for("document.querySelectorAll('section.study').length === 3")
+    page.eval(
+        "(() => { const w = document.getElementById('who'); w.value = 'dr_page';"
+        " w.dispatchEvent(new Event('input')); })()"
+    )
+    page.eval(f"{row.format(poe)}.querySelector('button.label.covid').click()")
+    page.wait_for(f"{row.format(poe)}.querySelector('.label-summary').textContent"
+                  ".startsWith('covid 3')")  # fmt: skip
+    page.eval(f"{row.format(doe)}.nextElementSibling.querySelector('button.open').click()")
+    page.wait_for("document.getElementById('viewer').open")
+    page.key("ArrowRight")
+    page.wait_for("document.getElementById('viewer-title').textContent.includes('slice 2 of 4')")
+    page.key("n", "KeyN", "n")
+    page.wait_for("document.getElementById('viewer-msg').textContent.includes('by dr_page')")
+    labelled_id = int(page.eval("document.getElementById('viewer').dataset.id"))
+    (tmp / "viewer-labelled.png").write_bytes(page.screenshot())
+    page.key("Escape")
+    page.wait_for("!document.getElementById('viewer').open")
+    page.close()
+    poe_slices = _api(fed, f"/api/series/{poe}").json()["slices"]
+    assert {(s["human_label"], s["labelled_by"]) for s in poe_slices} == {("covid", "dr_page")}
+    doe_slices = {s["id"]: s for s in _api(fed, f"/api/series/{doe}").json()["slices"]}
+    assert doe_slices[labelled_id]["human_label"] == "non_covid"
+    assert doe_slices[labelled_id]["labelled_by"] == "dr_page"
+    assert sum(1 for s in doe_slices.values() if s["human_label"]) == 1
