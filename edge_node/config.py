@@ -277,12 +277,15 @@ class DicomConfig:
     listener: DicomListenerConfig = field(default_factory=DicomListenerConfig)
     send_to: DicomSendConfig = field(default_factory=DicomSendConfig)
     results_dir: Path | None = None  # also copy each result object here (sites without a PACS)
+    keep_sent_days: float = 7.0  # delivered objects stay in <state_dir>/outbox/sent this long
 
     def __post_init__(self) -> None:
         if not isinstance(self.listener, DicomListenerConfig) or not isinstance(
             self.send_to, DicomSendConfig
         ):
             raise ConfigError("dicom: listener and send_to are tables ([dicom.listener])")
+        if not self.keep_sent_days >= 0:
+            raise ConfigError("dicom: keep_sent_days must be >= 0")
 
 
 # nested tables of a section ([dicom.listener]) -> their dataclass, by field type name

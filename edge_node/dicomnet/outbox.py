@@ -182,6 +182,16 @@ class Outbox:
                 write_atomic(self._sidecar(path), json.dumps(record.__dict__).encode())
         return record
 
+    def prune_sent(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete delivered objects older than ``max_age_s``; returns how many."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        n = 0
+        for p in self.sent_dir.glob("*.dcm"):
+            if _mtime(p) < cutoff:
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
     def wait(self, timeout_s: float) -> bool:
         """Block until an object is enqueued or ``timeout_s`` passes (the sender's sleep)."""
         woke = self._wake.wait(timeout_s)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 64  # objects per association (pynetdicom allows 128 presentation contexts)
 POLL_S = 1.0  # also look at pending/ this often (objects queued by another process)
+PRUNE_EVERY_S = 3600.0  # how often delivered objects past keep_sent_s are deleted
 # After a wake-up, wait this long for the rest of a series' results (SR, SC are queued a few
 # ms apart): one association for all of them instead of one each (~0.3 s per association)
 GATHER_S = 0.1
@@ -67,6 +68,7 @@ class Sender:
         pacs: DicomSendConfig | None = None,
         results_dir: Path | None = None,
         poll_s: float = POLL_S,
+        keep_sent_s: float = 7 * 86400.0,
     ) -> None:
         if pacs is None and results_dir is None:
             raise ValueError("a sender needs a PACS, a results folder, or both")
@@ -75,6 +77,8 @@ class Sender:
         self.pacs = pacs
         self.results_dir = results_dir
         self.poll_s = poll_s
+        self.keep_sent_s = keep_sent_s
+        self._pruned_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tls = client_tls_context(pacs) if pacs is not None else None
@@ -100,6 +104,16 @@ class Sender:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S or not self._pruned_at:
+                self._pruned_at = time.monotonic()
+                try:
+                    pruned = self.outbox.prune_sent(self.keep_sent_s)
+                    if pruned:
+                        log.info(
+                            "dicom sender: %d delivered object(s) past retention deleted", pruned
+                        )
+                except OSError as exc:
+                    log.warning("dicom sender: pruning sent/ failed: %s", exc.strerror)
             try:
                 t0 = time.monotonic()
                 if self.run_once():

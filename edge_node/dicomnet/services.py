@@ -50,6 +50,7 @@ class DicomServices:
                 stats,
                 pacs=dicom.send_to if dicom.send_to.enabled else None,
                 results_dir=dicom.results_dir,
+                keep_sent_s=dicom.keep_sent_days * 86400.0,
             )
 
     @property

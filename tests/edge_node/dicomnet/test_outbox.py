@@ -86,3 +86,12 @@ def test_mark_sent_moves_to_sent_and_temp_files_are_not_pending(tmp_path: Path) 
     assert box.pending() == [] and sent.is_file()
     assert not list(box.pending_dir.glob("*.json"))
     assert box.next_due_in() is None
+
+
+def test_delivered_objects_are_pruned_after_retention(tmp_path: Path) -> None:
+    """sent/ keeps delivered objects for the retention period only (it would grow forever)."""
+    box = Outbox(tmp_path / "outbox")
+    sent = box.mark_sent(box.enqueue(_result(tmp_path)))
+    now = sent.stat().st_mtime
+    assert box.prune_sent(3600, now=now + 60) == 0 and sent.exists()
+    assert box.prune_sent(3600, now=now + 7200) == 1 and not sent.exists()
