@@ -287,13 +287,17 @@ def edited(name: str, **values: Any) -> bytes:
     [
         # fuzzer finds, fixed in edge_node (each escaped prepare() as a non-InputError)
         ("693_J2KR.dcm", {"NumberOfFrames": "2"}, "PixelDecodeError:pixel_decode"),
-        ("emri_small_RLE.dcm", {"NumberOfFrames": "100000"}, "PixelDecodeError:pixel_decode"),
+        # (a frame count past [preprocess] max_frames is now refused before decoding)
+        ("emri_small_RLE.dcm", {"NumberOfFrames": "100000"}, "PixelDecodeError:limit:frames"),
         ("SC_rgb.dcm", {"PhotometricInterpretation": "PALETTE COLOR"}, "PixelDecodeError:palette"),
         ("693_UNCR.dcm", {"BitsAllocated": [16, 16]}, "NotDicomError:bad_header"),
         ("693_UNCR.dcm", {"Rows": [512, 512]}, "NotDicomError:bad_header"),
         ("693_UNCR.dcm", {"RescaleSlope": "NaN"}, "NotDicomError:bad_header"),
         ("693_J2KR.dcm", {"RescaleIntercept": "1e300"}, "NotDicomError:bad_header"),
-        ("693_UNCR.dcm", {"NumberOfFrames": "2147483647"}, "NotDicomError:truncated"),
+        ("693_UNCR.dcm", {"NumberOfFrames": "2147483647"}, "PixelDecodeError:limit:frames"),
+        ("emri_small_RLE.dcm", {"NumberOfFrames": "1000"}, "PixelDecodeError:pixel_decode"),
+        ("693_UNCR.dcm", {"NumberOfFrames": "300"}, "NotDicomError:truncated"),
+        ("693_UNCR.dcm", {"NumberOfFrames": "1000"}, "PixelDecodeError:limit:pixels"),
     ],
 )
 def test_fuzzer_finds_are_input_errors(name: str, values: dict[str, Any], expected: str) -> None:
