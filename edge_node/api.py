@@ -137,7 +137,13 @@ class NodeApi:
         model = self.node.holder.current()
         return _json(
             {
-                "status": "ok" if model is not None else "waiting_for_model",
+                "status": (
+                    "inbox_missing"
+                    if self.node.watcher.inbox_missing
+                    else "ok"
+                    if model is not None
+                    else "waiting_for_model"
+                ),
                 "node_id": self.node.config.node_id,
                 "model_version": model.info.model_version if model else None,
                 "arch": model.info.arch if model else None,

@@ -106,6 +106,7 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self.events_active = False
+        self.inbox_missing = False  # the inbox folder vanished while running (see scan)
         # Files that are not inputs get a "skipped" row through this (the daemon wires
         # Pipeline.record_ignored), so that every inbox file has exactly one outcome.
         self.on_ignored: Callable[[ReadyFile, str, str], None] | None = None
@@ -318,8 +319,19 @@ class Watcher:
         """Walk ``root`` (default the inbox) and consider every candidate; returns files seen.
 
         A walk of the whole inbox also forgets files that are gone, so the memory of handled
-        files stays the size of the inbox.
+        files stays the size of the inbox. An inbox that is gone (an unmounted share) forgets
+        nothing: ``inbox_missing`` is set (``/health`` shows it) until it is back.
         """
+        if root is None:
+            missing = not self.inbox.is_dir()
+            if missing != self.inbox_missing:
+                if missing:
+                    log.error("inbox %s is gone (unmounted?): waiting for it", self.inbox)
+                else:
+                    log.info("inbox %s is back", self.inbox)
+                self.inbox_missing = missing
+            if missing:
+                return 0
         seen: set[str] = set()
         for path in _walk(root or self.inbox):
             seen.add(str(path))

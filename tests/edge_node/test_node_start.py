@@ -125,3 +125,40 @@ def test_a_refused_model_file_is_moved_aside_and_shown(tmp_path: Path) -> None:
         assert model is not None and model.info.model_version == "1"
     finally:
         again.shutdown(10)
+
+
+def test_an_inbox_that_vanishes_while_running_is_shown_and_nothing_is_redone(
+    tmp_path: Path,
+) -> None:
+    """The inbox share is unmounted under a running node: /health says inbox_missing; when it
+    is back, the file handled before is not handled again."""
+    from tests.helpers.dicom_factory import copy_with_new_uid, sample_path
+
+    cfg = _config(tmp_path, api=True)
+    make_classifier(cfg.model_path, version="1")
+    inbox = cfg.paths.inbox
+    slice_path = inbox / "ct.dcm"
+    copy_with_new_uid(sample_path("693_UNCR.dcm"), slice_path)
+    node = Daemon(cfg)
+    node.start()
+    try:
+        port = int((cfg.paths.state_dir / "api.port").read_text())
+
+        def row() -> dict | None:
+            return node.store.file(str(slice_path.resolve()))
+
+        _wait(lambda: row() is not None)
+        first = row()
+        aside = tmp_path / "unmounted"
+        os.rename(inbox, aside)
+        node.watcher.scan()
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["status"] == "inbox_missing"
+        os.rename(aside, inbox)
+        node.watcher.scan()
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["status"] == "ok"
+        time.sleep(2.5)  # > quiet period: a forgotten file would have been handled again
+        assert row() == first  # not handed over again after the blip
+    finally:
+        node.shutdown(10)
