@@ -288,18 +288,6 @@ class DicomConfig:
             raise ConfigError("dicom: keep_sent_days must be >= 0")
 
 
-# nested tables of a section ([dicom.listener]) -> their dataclass, by field type name
-_SUBSECTIONS: dict[str, type] = {
-    "DicomListenerConfig": DicomListenerConfig,
-    "DicomSendConfig": DicomSendConfig,
-}
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    node_id: str
-    paths: PathsConfig
-    watcher: WatcherConfig = field(default_factory=WatcherConfig)
 @dataclass(frozen=True)
 class SeriesConfig:
     """[series]: slices grouped into series, chest-only filter, completion, series verdict."""
@@ -338,12 +326,26 @@ class ResultsConfig:
             raise ConfigError("results: key_slices must be in 1..9")
 
 
+# nested tables of a section ([dicom.listener]) -> their dataclass, by field type name
+_SUBSECTIONS: dict[str, type] = {
+    "DicomListenerConfig": DicomListenerConfig,
+    "DicomSendConfig": DicomSendConfig,
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    paths: PathsConfig
+    watcher: WatcherConfig = field(default_factory=WatcherConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)  # DICOM networking
+    series: SeriesConfig = field(default_factory=SeriesConfig)  # series and their verdicts
+    results: ResultsConfig = field(default_factory=ResultsConfig)  # DICOM SR / SC results
     source: Path | None = None  # the TOML file this came from
 
     def __post_init__(self) -> None:
@@ -357,8 +359,6 @@ class ResultsConfig:
     def describe(self) -> dict[str, Any]:
         """A loggable summary (no secrets)."""
         d = dataclasses.asdict(self)
-    series: SeriesConfig = field(default_factory=SeriesConfig)  # series and their verdicts
-    results: ResultsConfig = field(default_factory=ResultsConfig)  # DICOM SR / SC results
         d["api"]["token"] = "***" if self.api.token else None
         return {k: v for k, v in d.items() if k != "source"}
 
@@ -372,6 +372,8 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "federation": FederationConfig,
     "dicom": DicomConfig,
+    "series": SeriesConfig,
+    "results": ResultsConfig,
 }
 
 
@@ -386,8 +388,6 @@ def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
         problem = type_problem(ftype, value)  # port = "eighty" -> "[api] port must be an integer"
         if problem is not None:
             raise ConfigError(f"[{section}] {name} {problem} (got {kind_of(value)})")
-    "series": SeriesConfig,
-    "results": ResultsConfig,
         if "Path" in ftype and value is not None:
             p = Path(str(value)).expanduser()
             value = p if p.is_absolute() else (base / p)
