@@ -191,14 +191,27 @@ def test_screenshots_of_the_list_and_the_slice_viewer(
 def test_labelling_from_the_page_with_mouse_and_keyboard(
     fed: dict[str, Any], browser: Browser
 ) -> None:
-    """In Chromium, a reader enters initials, labels a whole series with its button, opens a
-    slice, steps to the next with the arrow key and labels it with N; both labels are stored
-    under the reader's name (the browser's own POSTs pass the API's Origin check) and shown."""
+    """In Chromium, a label without a reader's initials is refused on the page (focus goes to
+    the field); a series expands to all its slices; the reader enters initials, labels a whole
+    series with its button, opens a slice, steps to the next with the arrow key and labels it
+    with N; both labels are stored under the reader's name (the browser's own POSTs pass the
+    API's Origin check) and shown."""
     series, tmp = fed["series"], fed["tmp"]
     poe, doe = series["TP-003"], series["TP-001"]
     row = "document.querySelector('tr.series[data-series-uid=\"{}\"]')"
     page = _open(browser, fed)
     page.wait_for("document.querySelectorAll('section.study').length === 3")
+    page.eval("localStorage.removeItem('fedscan.reader')")
+    page.eval(f"{row.format(poe)}.querySelector('button.label.covid').click()")  # no reader yet
+    assert "Enter your initials" in page.eval(
+        f"{row.format(poe)}.querySelector('.msg').textContent"
+    )
+    assert page.eval("document.activeElement.id") == "who"
+    page.eval(f"{row.format(doe)}.querySelector('button.expand').click()")
+    page.wait_for(
+        f"{row.format(doe)}.nextElementSibling.textContent.includes('All slices, in arrival order')"
+        f" && {row.format(doe)}.nextElementSibling.querySelectorAll('figure.slice').length === 4"
+    )
     page.eval(
         "(() => { const w = document.getElementById('who'); w.value = 'dr_page';"
         " w.dispatchEvent(new Event('input')); })()"
