@@ -244,7 +244,7 @@ class Browser:
                 f" st.study_instance_uid AND {' AND '.join(series_conds)})"
             )
             params += series_params
-        for word in query.q.split():
+        for word in query.q.replace("^", " ").split():  # "Doe^Jane" as typed from a PN
             like = "%" + _escape_like(word.lower()) + "%"
             fields = [
                 "REPLACE(LOWER(COALESCE(st.patient_name, '')), '^', ' ')",

@@ -76,7 +76,7 @@
   }
   function fmtName(pn) {
     if (!pn) return "(no name)";
-    const parts = String(pn).split("^");
+    const parts = String(pn).split("=")[0].split("^"); // alphabetic group of a PN
     const family = parts[0] || "";
     const given = parts.slice(1, 3).filter(Boolean).join(" ");
     return given ? `${family}, ${given}` : family;

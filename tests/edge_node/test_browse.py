@@ -169,7 +169,7 @@ def test_filters_by_verdict_status_text_and_date(db: Path) -> None:
     def found(q: str) -> list[str]:
         return [s["study_instance_uid"] for s in _page(db, q=q)["studies"]]
 
-    assert found("richard roe") == ["1.3"]
+    assert found("richard roe") == ["1.3"] and found("Roe^Richard") == ["1.3"]
     assert found("JANE") == ["1.1", "1.2"]
     assert found("acc-77") == ["1.1"]
     assert found("p2") == ["1.3"]
