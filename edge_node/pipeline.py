@@ -247,6 +247,7 @@ class Pipeline:
             pf = prepare(ready.path, self._params(key))
         except FileNotFoundError:
             self._safe_finish(ready)  # deleted before we got to it: nothing to record
+            log.info("file %s vanished before it was read (no outcome)", self.file_ref(ready.path))
             return Outcome("vanished")
         except SkippedInput as exc:  # a non-chest image carries its header (series row)
             meta = getattr(exc, "meta", None)
