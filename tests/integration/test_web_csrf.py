@@ -61,12 +61,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    n = NodeProcess(tmp_path / "node")
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess, str]]:
+    """One node with one predicted slice (its UID) for both tests; the attack runs first and
+    must leave it unlabelled."""
+    n = NodeProcess(tmp_path_factory.mktemp("csrf") / "node")
     make_classifier(n.folder / "models" / "current.onnx", version="3")
     n.start()
-    yield n
+    uid = copy_with_new_uid(sample_path("693_UNCR.dcm"), n.inbox / "a.dcm")
+    wait_for(lambda: n.n_predictions() >= 1, what="a prediction")
+    yield n, uid
     try:
         assert n.terminate() == 0
     finally:
@@ -106,14 +110,13 @@ def _chromium(tmp: Path, *args: str) -> str:
 
 
 def test_other_origin_and_rebound_name_cannot_touch_the_node(
-    node: NodeProcess, tmp_path: Path
+    served: tuple[NodeProcess, str], tmp_path: Path
 ) -> None:
     """From http://127.0.0.1:<other port>: a text/plain fetch, a JSON fetch (preflight), a
     DICOM upload and a text/plain form POST reach nothing (no label, no upload, no new
     prediction) and the page cannot read predictions; a page at a name mapped to 127.0.0.1
     (DNS rebinding, --host-resolver-rules) gets 400 and no UID."""
-    uid = copy_with_new_uid(sample_path("693_UNCR.dcm"), node.inbox / "a.dcm")
-    wait_for(lambda: node.n_predictions() >= 1, what="a prediction")
+    node, uid = served
     upload = tmp_path / "up.dcm"
     copy_with_new_uid(sample_path("693_UNCR.dcm"), upload)
     node_url = f"http://127.0.0.1:{node.port}"
@@ -145,14 +148,15 @@ def _cdp(ws_url: str) -> Any:
     return connect(ws_url, max_size=None, open_timeout=30)
 
 
-def test_node_page_label_button_still_works(node: NodeProcess, tmp_path: Path) -> None:
+def test_node_page_label_button_still_works(
+    served: tuple[NodeProcess, str], tmp_path: Path
+) -> None:
     """The node's own /slices page, clicked in Chromium: its covid button sends a same-origin
     JSON POST that the guard accepts, and the label is stored (who = web)."""
     pytest.importorskip("websockets")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed")
-    uid = copy_with_new_uid(sample_path("693_UNCR.dcm"), node.inbox / "a.dcm")
-    wait_for(lambda: node.n_predictions() >= 1, what="a prediction")
+    node, uid = served
     debug_port = _free_port()
     cmd = [
         CHROMIUM,
