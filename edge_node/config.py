@@ -343,6 +343,7 @@ class NodeConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)  # patient-data copies
     dicom: DicomConfig = field(default_factory=DicomConfig)  # DICOM networking
     series: SeriesConfig = field(default_factory=SeriesConfig)  # series and their verdicts
     results: ResultsConfig = field(default_factory=ResultsConfig)  # DICOM SR / SC results
@@ -371,6 +372,7 @@ _SECTIONS: dict[str, type] = {
     "api": ApiConfig,
     "training": TrainingConfig,
     "federation": FederationConfig,
+    "retention": RetentionConfig,
     "dicom": DicomConfig,
     "series": SeriesConfig,
     "results": ResultsConfig,
