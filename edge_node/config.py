@@ -98,6 +98,8 @@ class ApiConfig:
             raise ConfigError(f"api: binding to {self.host} requires api.token")
         if self.max_upload_mb < 1:
             raise ConfigError("api: max_upload_mb must be >= 1")
+        if not isinstance(self.allowed_hosts, tuple):
+            raise ConfigError("api: allowed_hosts must be a list of host names")
         for name in self.allowed_hosts:
             if not isinstance(name, str) or not name or any(c in name for c in "/@ \t"):
                 raise ConfigError(f"api: allowed_hosts entry {name!r} is not a host name")

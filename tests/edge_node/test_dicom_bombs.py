@@ -222,6 +222,7 @@ def test_big_upload_streams_to_disk(tmp_path: Path) -> None:
             except httpx.TransportError:
                 pass
             grown = hwm_mib() - before
+            print(f"peak memory growth over both uploads: {grown} MiB")
             assert grown < 64, f"peak memory grew {grown} MiB"
             assert list((d.config.paths.state_dir / "uploads").iterdir()) == []
             assert c.get("/health").status_code == 200
