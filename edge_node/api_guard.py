@@ -7,10 +7,13 @@ make the page's own origin the node (DNS rebinding). In order, each request:
 1. ``Host`` must name this node: the configured host, ``127.0.0.1``, ``localhost`` or
    ``[::1]`` (plus ``api.allowed_hosts``), with the port the server listens on (no port only
    when that is 80). Anything else is 400: a rebinding page sends its own name.
-2. State-changing methods (anything but GET, HEAD, OPTIONS) with an ``Origin`` header must
-   come from the node's own page (``http://<allowed host>:<port>``); ``Origin: null`` and a
-   ``Sec-Fetch-Site`` of ``cross-site``/``same-site`` without Origin are refused too (403).
-   Clients that send neither (curl, scripts) pass: they are not a browser tricked by a page.
+2. A request with an ``Origin`` header must come from the node's own page
+   (``http://<allowed host>:<port>``; ``Origin: null`` is foreign), and one that a browser
+   marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` (another port of 127.0.0.1 is the
+   same site) is refused unless it is a top-level navigation (a link to the node's page):
+   403. So another page can neither write nor embed a thumbnail or probe which ids exist.
+   Clients that send neither header (curl, scripts) pass: they are not a browser tricked by
+   a page.
 3. Their body must be of the route's media type: ``application/json``, except the routes in
    ``upload_types`` (``POST /api/predict``: ``application/dicom``); otherwise 415. An HTML
    form cannot send either type, and a cross-origin fetch with them needs a CORS preflight
@@ -144,15 +147,16 @@ class RequestGuard:
     ) -> tuple[int, str] | None:
         if not self._host_ok(headers.get("host", ""), port):
             return 400, "Host header does not name this node (see api.allowed_hosts)"
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_ok(origin, port):
+            return 403, "cross-origin request refused: only the node's own page may use the API"
+        site = headers.get("sec-fetch-site", "none")
+        navigation = headers.get("sec-fetch-mode") == "navigate"
         method = str(scope.get("method", "GET")).upper()
+        if site not in ("same-origin", "none") and (method not in SAFE_METHODS or not navigation):
+            return 403, "cross-site request refused: only the node's own page may use the API"
         if method in SAFE_METHODS:
             return None
-        origin = headers.get("origin")
-        if origin is not None:
-            if not self._origin_ok(origin, port):
-                return 403, "cross-origin request refused: only the node's own page may write"
-        elif headers.get("sec-fetch-site", "none") not in ("same-origin", "none"):
-            return 403, "cross-site request refused: only the node's own page may write"
         path = str(scope.get("path", ""))
         want = self.upload_types.get(path, JSON_TYPE)
         given = headers.get("content-type", "").split(";", 1)[0].strip().lower()

@@ -122,6 +122,31 @@ def test_foreign_origin_cannot_write(node: Daemon, client: httpx.Client, tmp_pat
     assert _count(node, "labels") == 1
 
 
+def test_other_sites_cannot_read_or_embed(
+    node: Daemon, client: httpx.Client, tmp_path: Path
+) -> None:
+    """A page elsewhere cannot read the API with CORS (foreign Origin) or embed a thumbnail
+    (<img>: Sec-Fetch-Site same-site/cross-site, mode no-cors), which would tell it which ids
+    exist: 403 without data. A link to the node's page (a top-level navigation) still opens."""
+    uid, body = _upload(client, tmp_path)
+    port = _port(node)
+    thumb = f"/api/thumbnails/{body['predictions'][0]['id']}.png"
+    embeds = [
+        {"Origin": "http://evil.example"},
+        {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"},
+    ]
+    for headers in embeds:
+        for path in (thumb, "/api/predictions", "/metrics"):
+            r = client.get(path, headers=headers)
+            assert r.status_code == 403, (path, headers)
+            assert uid not in r.text and r.headers["content-type"] == "application/json"
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert client.get("/slices", headers=link).status_code == 200
+    own = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    assert client.get(thumb, headers={**own, "Sec-Fetch-Mode": "no-cors"}).status_code == 200
+
+
 def test_writes_need_their_media_type(node: Daemon, client: httpx.Client, tmp_path: Path) -> None:
     """Bodies an HTML form or a simple cross-origin fetch can send (text/plain, urlencoded,
     multipart, none) are 415 on both write routes; nothing is stored."""

@@ -33,6 +33,10 @@ ATTACK = """<!doctype html><html><body><pre id="log">start</pre>
 </form><iframe name="sink"></iframe>
 <script>
 const log = (m) => {{ document.getElementById("log").textContent += "\\n" + m; }};
+const img = new Image();
+img.onload = () => log("img loaded");
+img.onerror = () => log("img refused");
+img.src = "{node}/api/thumbnails/{pred_id}.png";
 const body = JSON.stringify({{sop_instance_uid: "{uid}", label: "covid", who: "evil"}});
 (async () => {{
   try {{ await fetch("{node}/api/labels", {{method: "POST", mode: "no-cors",
@@ -114,19 +118,23 @@ def test_other_origin_and_rebound_name_cannot_touch_the_node(
 ) -> None:
     """From http://127.0.0.1:<other port>: a text/plain fetch, a JSON fetch (preflight), a
     DICOM upload and a text/plain form POST reach nothing (no label, no upload, no new
-    prediction) and the page cannot read predictions; a page at a name mapped to 127.0.0.1
+    prediction), the page cannot read predictions, and an <img> of an existing thumbnail
+    does not load (no probing which ids exist); a page at a name mapped to 127.0.0.1
     (DNS rebinding, --host-resolver-rules) gets 400 and no UID."""
     node, uid = served
     upload = tmp_path / "up.dcm"
     copy_with_new_uid(sample_path("693_UNCR.dcm"), upload)
     node_url = f"http://127.0.0.1:{node.port}"
-    page = ATTACK.format(node=node_url, uid=uid).encode()
+    pred_id = node.query("SELECT id FROM predictions LIMIT 1")[0][0]
+    assert httpx.get(f"{node_url}/api/thumbnails/{pred_id}.png", timeout=30).status_code == 200
+    page = ATTACK.format(node=node_url, uid=uid, pred_id=pred_id).encode()
     with _attacker({"/attack.html": page, "/upload.dcm": upload.read_bytes()}) as port:
         attack = f"http://127.0.0.1:{port}/attack.html"
         dom = _chromium(tmp_path, "--virtual-time-budget=8000", "--dump-dom", attack)
-    assert "simple sent" in dom and "json blocked" in dom and "upload sent" in dom, dom
-    assert "read blocked" in dom and "read {" not in dom, "the page read predictions"
-    assert "form submitted" in dom
+    log = dom.split('<pre id="log">', 1)[1].split("</pre>", 1)[0].splitlines()
+    for line in ("simple sent", "json blocked", "upload sent", "read blocked", "img refused"):
+        assert line in log, (line, log)
+    assert "form submitted" in log and not [x for x in log if x.startswith("read {")], log
     time.sleep(1.0)  # let anything that did get through finish
     assert node.query("SELECT COUNT(*) FROM labels") in ([], [(0,)])
     assert node.n_predictions() == 1
