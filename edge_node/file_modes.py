@@ -1,8 +1,8 @@
 """Owner-only modes for what the node writes: its state holds patient data (uploaded DICOM,
 thumbnails, quarantine copies, UIDs and names in SQLite) and node.toml holds the API token.
 
-Under systemd the unit's ``UMask=0077`` does this; started by hand, a shell's umask of 022
-would leave it all world-readable. So `fedscan node init` and `fedscan node run` set the
+Started by hand, a shell's umask of 022 would leave it all world-readable (and the systemd
+unit's ``UMask=0027`` group-readable). So `fedscan node init` and `fedscan node run` set the
 process umask to 077 first (`set_private_umask`), and the daemon tightens, at start, whatever
 an earlier run or another tool left group/other-readable (`tighten_state`). The inbox is not
 touched: it belongs to whoever exports into it.
