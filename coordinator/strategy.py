@@ -40,6 +40,7 @@ _BUILTIN_MODULES = (
     "coordinator.fedavg",
     "coordinator.fedprox",
     "coordinator.fedadam",
+    "coordinator.fedavgm",
     "coordinator.trimmed_mean",
 )
 

@@ -202,7 +202,7 @@ def fedavg(ctx: SeedContext, books: dict[str, Path]) -> FedAvgOutcome:
     The final round's model is reported too.
     """
     t0 = time.perf_counter()
-    strategy = create_strategy(STRATEGY)
+    strategy = create_strategy(ctx.config.strategy, **dict(ctx.config.strategy_args))
     global_path = ctx.init_weights
     model = load_weights(global_path)
     paths = [global_path]

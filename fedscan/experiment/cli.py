@@ -45,6 +45,19 @@ def _seeds(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _strategy_args(items: list[str] | None) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            out.append((key.strip(), float(value)))
+        except ValueError:
+            raise ExperimentError(f"--strategy-arg expects NAME=NUMBER, not {item!r}") from None
+    return tuple(out)
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedscan.experiment.config import ExperimentConfig
     from fedscan.experiment.runner import resummarize, run_experiment
@@ -71,6 +84,8 @@ def _run(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         threads=args.threads,
         jobs=args.jobs,
+        strategy=args.strategy,
+        strategy_args=_strategy_args(args.strategy_arg),
         folds=args.folds,
         n_boot=args.n_boot,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -116,6 +131,14 @@ def add_parser(sub: Any) -> None:
         "--folds", type=int, default=0,
         help="K-fold patient-disjoint cross-validation over every slice (default 0: official "
         "test split)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategy", default="fedavg",
+        help="aggregation strategy of the FedAvg arm (fedavg, fedavgm, fedadam, ...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategy-arg", action="append", metavar="NAME=VALUE",
+        help="keyword argument of the strategy, e.g. beta=0.9 (repeatable)",
     )  # fmt: skip
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")

@@ -27,6 +27,8 @@ class ExperimentConfig:
     augment: bool = True
     threads: int = 1  # torch threads of each training
     jobs: int = 2  # trainings run at once (one arm of one seed each), in worker processes
+    strategy: str = "fedavg"  # the coordinator's aggregation strategy (coordinator.strategy)
+    strategy_args: tuple[tuple[str, float], ...] = ()  # its keyword arguments, e.g. beta 0.9
     folds: int = 0  # 0: the official test split; K >= 2: patient-disjoint K-fold CV
     n_boot: int = 1000  # bootstrap resamples of patients for the intervals
     cache_dir: Path | None = None  # imported dataset (DICOM + index.csv); default under ~/.cache

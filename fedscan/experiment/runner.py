@@ -153,6 +153,7 @@ def seed_record(
     return {
         "seed": seed,
         "fold": fold,
+        "strategy": by_arm["fedavg"].get("strategy", arms.STRATEGY),
         "hospitals": hospitals,
         "local_only": {n: m.to_dict() for n, m in local.items()},
         "local_only_mean": _mean_metrics(list(local.values())),
@@ -184,7 +185,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "the global version with the best hospitals' weighted local-validation accuracy "
         "(the other arms keep the epoch with the best local validation loss)"
     )
-    fed_arm["strategy"] = arms.STRATEGY
+    fed_arm["strategy"] = runs[0].get("strategy", arms.STRATEGY)
     fed_arm["simulated"] = True
     best_mean = max(names, key=lambda n: local_arm["per_hospital"][n]["accuracy"]["mean"])
     local_arm["best_hospital_on_average"] = {"name": best_mean,

@@ -77,6 +77,7 @@ def run_task(task: Task) -> dict[str, Any]:
         out["metrics"] = fed.metrics.to_dict()
         out["last_metrics"] = fed.last_metrics.to_dict()
         out["selected_version"] = fed.selected_version
+        out["strategy"] = task.config.strategy
         out["per_round"] = list(fed.per_round)
         out["val_accuracy"] = list(fed.val_accuracy)
         # calibration from the hospitals' validation statistics, summed (what nodes report)
