@@ -25,10 +25,10 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from edge_node.config import DicomSendConfig
-from edge_node.dicomnet.listener import quiet_pynetdicom
+from edge_node.dicomnet.listener import no_delay, quiet_pynetdicom
 from edge_node.dicomnet.outbox import Outbox
 from edge_node.metrics import DicomStats
 from fl_protocol.files import write_atomic
@@ -171,7 +171,10 @@ class Sender:
             if ts == DeflatedExplicitVRLittleEndian:
                 extra = [ExplicitVRLittleEndian]
             ae.add_requested_context(sop_class, list(dict.fromkeys([ts, *extra])))
-        kwargs: dict[str, Any] = {"ae_title": pacs.ae_title}
+        kwargs: dict[str, Any] = {
+            "ae_title": pacs.ae_title,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay)],
+        }
         if self._tls is not None:
             kwargs["tls_args"] = (self._tls, pacs.host)
         assoc = ae.associate(pacs.host, pacs.port, **kwargs)

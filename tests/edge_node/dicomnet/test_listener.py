@@ -149,3 +149,17 @@ def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
             services.start()
         services.stop()
+
+
+def test_without_fsync_files_are_still_whole(tmp_path: Path) -> None:
+    """``fsync = false`` (storescp's way, faster) still writes through staging + rename."""
+    cfg = DicomListenerConfig(enabled=True, port=0, fsync=False)
+    scp = Listener(cfg, tmp_path / "inbox", DicomStats())
+    scp.start()
+    try:
+        series = series_from(sample_path("693_UNCR.dcm"), 3)
+        assert _send(scp.port or 0, series) == [0x0000] * 3
+    finally:
+        scp.stop()
+    got = sorted(pydicom.dcmread(f).InstanceNumber for f in (tmp_path / "inbox").rglob("*.dcm"))
+    assert got == [1, 2, 3]
