@@ -3,8 +3,10 @@
 1. C-STORE receive throughput: one series of ``--slices`` real CT slices (new UIDs, 512x512,
    about 0.5 MB each) sent by DCMTK ``storescu`` over loopback, one association, to
    (a) the node's C-STORE SCP (``edge_node.dicomnet.listener.Listener``: each instance fsynced
-   and renamed into the inbox before success is answered) and (b) DCMTK ``storescp -od``
-   (writes without fsync). Alternating, ``--repeats`` times; medians; target: ours >= 0.8x.
+   and renamed into the inbox before success is answered), (a') the same with ``fsync =
+   false``, and (b) DCMTK ``storescp -od`` (writes without fsync); once with DCMTK as shipped
+   (Nagle on) and once with ``TCP_NODELAY=1`` for storescu and storescp (DCMTK at its best).
+   Order rotated, ``--repeats`` times; medians; target: ours >= 0.8x storescp.
 2. Series to SR at the PACS: a real `fedscan node run` (listener, series tracker with
    ``--quiet-time``, outbox sender) receives the same series from storescu; the time from
    storescu's last acknowledged slice to the Structured Report arriving at a pynetdicom
@@ -38,7 +40,11 @@ DEFAULT_SAMPLE = REPO_ROOT / "tests" / "fixtures" / "dicom" / "693_UNCR.dcm"
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage SOP class
 PDU = 131072  # both receivers announce DCMTK's largest PDU
 
-TARGETS = {"receive_ratio_vs_storescp": 0.8, "sr_after_quiet_s": 2.0}
+TARGETS = {
+    "receive_ratio_vs_storescp": 0.8,
+    "receive_ratio_vs_storescp_nodelay": 0.8,
+    "sr_after_quiet_s": 2.0,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,11 +81,18 @@ def make_series(src: Path, n: int, folder: Path) -> list[Path]:
     return paths
 
 
-def storescu(files: list[Path], port: int, called_ae: str) -> float:
+def storescu(
+    files: list[Path], port: int, called_ae: str, env: dict[str, str] | None = None
+) -> float:
     """Send ``files`` over one association with DCMTK storescu; returns the wall seconds."""
     cmd = [dcmtk("storescu"), "-aet", "BENCH", "-aec", called_ae, "127.0.0.1", str(port)]
     t0 = time.perf_counter()
-    result = subprocess.run([*cmd, *map(str, files)], capture_output=True, timeout=600)
+    result = subprocess.run(
+        [*cmd, *map(str, files)],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
     elapsed = time.perf_counter() - t0
     if result.returncode != 0:
         raise BenchError(f"storescu failed: {result.stderr.decode(errors='replace')[-400:]}")
@@ -90,47 +103,64 @@ def _count_dcm(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
 
 
-def receive_throughput(files: list[Path], work: Path, repeats: int) -> dict[str, Any]:
-    """storescu -> our Listener vs storescu -> storescp, alternating; medians and the ratio."""
+# DCMTK as shipped (Nagle on: each C-STORE-RSP of storescp waits ~40 ms for a delayed ACK) and
+# DCMTK at its fastest (TCP_NODELAY=1 for storescu and storescp). Our listener sets TCP_NODELAY
+# itself, so only storescu's own setting differs between the two for it.
+SCENARIOS: dict[str, dict[str, str]] = {"dcmtk_defaults": {}, "tcp_nodelay": {"TCP_NODELAY": "1"}}
+RECEIVERS = ("fedscan", "fedscan_no_fsync", "storescp")
+
+
+def _receive_once(files: list[Path], dest: Path, receiver: str, env: dict[str, str]) -> float:
     from edge_node.config import DicomListenerConfig
     from edge_node.dicomnet.listener import Listener
     from edge_node.metrics import DicomStats
 
+    if receiver == "storescp":
+        with DcmtkStoreScp(dest, ae_title="STORESCP", pdu=PDU, env=env) as pacs:
+            return storescu(files, pacs.port, "STORESCP", env)
+    cfg = DicomListenerConfig(
+        enabled=True, port=0, max_pdu=PDU, fsync=receiver != "fedscan_no_fsync"
+    )
+    scp = Listener(cfg, dest, DicomStats())
+    port = scp.start()
+    try:
+        return storescu(files, port, "FEDSCAN", env)
+    finally:
+        scp.stop()
+
+
+def receive_throughput(files: list[Path], work: Path, repeats: int) -> dict[str, Any]:
+    """storescu -> our Listener (fsync on / off) vs storescu -> storescp, in both DCMTK
+    scenarios, the order rotated each repeat; medians and ratios."""
     n = len(files)
     mb = sum(f.stat().st_size for f in files) / 1e6
-    times: dict[str, list[float]] = {"fedscan": [], "storescp": []}
-    for r in range(repeats):
-        order = ("fedscan", "storescp") if r % 2 == 0 else ("storescp", "fedscan")
-        for name in order:
-            dest = work / f"rx-{name}"
-            shutil.rmtree(dest, ignore_errors=True)
-            if name == "fedscan":
-                cfg = DicomListenerConfig(enabled=True, port=0, max_pdu=PDU)
-                scp = Listener(cfg, dest, DicomStats())
-                port = scp.start()
-                try:
-                    elapsed = storescu(files, port, "FEDSCAN")
-                finally:
-                    scp.stop()
-            else:
-                with DcmtkStoreScp(dest, ae_title="STORESCP", pdu=PDU) as pacs:
-                    elapsed = storescu(files, pacs.port, "STORESCP")
-            got = _count_dcm(dest)
-            if got != n:
-                raise BenchError(f"{name} stored {got} of {n} slices")
-            times[name].append(elapsed)
-            print(f"  {name}: {n} slices in {elapsed:.2f} s = {n / elapsed:.0f} slices/s")
-            shutil.rmtree(dest, ignore_errors=True)
     out: dict[str, Any] = {"slices": n, "mb": round(mb, 1), "repeats": repeats}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        out[name] = {
-            "seconds": [round(t, 3) for t in ts],
-            "median_s": round(med, 3),
-            "slices_per_s": round(n / med, 1),
-            "mb_per_s": round(mb / med, 1),
-        }
-    out["ratio_vs_storescp"] = round(out["storescp"]["median_s"] / out["fedscan"]["median_s"], 3)
+    for scenario, env in SCENARIOS.items():
+        times: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+        for r in range(repeats):
+            for name in RECEIVERS[r % 3 :] + RECEIVERS[: r % 3]:
+                dest = work / f"rx-{name}"
+                shutil.rmtree(dest, ignore_errors=True)
+                elapsed = _receive_once(files, dest, name, env)
+                got = _count_dcm(dest)
+                if got != n:
+                    raise BenchError(f"{name} stored {got} of {n} slices")
+                times[name].append(elapsed)
+                print(f"  [{scenario}] {name}: {n} slices in {elapsed:.2f} s = {n / elapsed:.0f}/s")
+                shutil.rmtree(dest, ignore_errors=True)
+        res: dict[str, Any] = {"env": env}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            res[name] = {
+                "seconds": [round(t, 3) for t in ts],
+                "median_s": round(med, 3),
+                "slices_per_s": round(n / med, 1),
+                "mb_per_s": round(mb / med, 1),
+            }
+        scp_s = res["storescp"]["median_s"]
+        res["ratio_vs_storescp"] = round(scp_s / res["fedscan"]["median_s"], 3)
+        res["ratio_no_fsync_vs_storescp"] = round(scp_s / res["fedscan_no_fsync"]["median_s"], 3)
+        out[scenario] = res
     return out
 
 
@@ -305,8 +335,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"C-STORE receive, {len(files)} slices over loopback (DCMTK storescu sends)")
         rx = receive_throughput(files, work, args.repeats)
         result["receive"] = rx
-        result["receive_ratio_vs_storescp"] = rx["ratio_vs_storescp"]
-        print(f"  fedscan/storescp throughput ratio: {rx['ratio_vs_storescp']:.2f}")
+        result["receive_ratio_vs_storescp"] = rx["dcmtk_defaults"]["ratio_vs_storescp"]
+        result["receive_ratio_vs_storescp_nodelay"] = rx["tcp_nodelay"]["ratio_vs_storescp"]
+        for scenario in SCENARIOS:
+            r = rx[scenario]
+            print(
+                f"  [{scenario}] fedscan/storescp: {r['ratio_vs_storescp']:.2f} "
+                f"(fsync off: {r['ratio_no_fsync_vs_storescp']:.2f})"
+            )
         if not args.skip_node:
             print(
                 f"series -> SR at the PACS through `fedscan node run` (quiet {args.quiet_time:g} s)"

@@ -64,19 +64,28 @@ class DcmtkStoreScp:
     """``storescp`` on a free loopback port writing what it receives into ``folder``."""
 
     def __init__(
-        self, folder: Path, *, ae_title: str = "PACS", port: int | None = None, pdu: int = 131072
+        self,
+        folder: Path,
+        *,
+        ae_title: str = "PACS",
+        port: int | None = None,
+        pdu: int = 131072,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.port = port or free_port()
         self.pdu = pdu
+        self.env = env or {}  # extra environment (DCMTK reads TCP_NODELAY, TCP_BUFFER_LENGTH)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DcmtkStoreScp:
         self.folder.mkdir(parents=True, exist_ok=True)
         cmd = [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "-pm", "+xa"]
         cmd += ["--max-pdu", str(self.pdu), str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **self.env}
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
