@@ -40,7 +40,7 @@ Hook = Callable[[str], None]
 class AggregateResult:
     version: int | None  # the new global version; None when the round closed without one
     counted: tuple[str, ...]  # nodes whose update is in the new version
-    outliers: tuple[str, ...]  # refused at aggregation (norm far above the round's median)
+    outliers: tuple[str, ...]  # refused at aggregation (weighted contribution out of line)
 
 
 DEFAULT_MAX_WEIGHT_SHARE = 0.5  # ValidationConfig.max_weight_share's default
