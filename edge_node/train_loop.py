@@ -7,6 +7,7 @@ weighted cross-entropy, the FedProx proximal term, AdamW (the caller's optimizer
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,12 @@ def evaluate(weights_or_model: FedscanNet | Path | str, samples: SampleSet) -> M
     return _metrics_of(logits, labels)
 
 
-def predict_logits(weights_or_model: FedscanNet | Path | str, samples: SampleSet) -> np.ndarray:
-    """``[N, 2]`` float64 logits of ``samples`` in eval mode (for calibration and statistics)."""
+def predict_logits(
+    weights_or_model: FedscanNet | Path | str, samples: SampleSet, *, tta: bool = False
+) -> np.ndarray:
+    """``[N, 2]`` float64 logits of ``samples`` in eval mode (for calibration and statistics);
+    ``tta``: the mean of the logits of each slice and of its left-right mirror image (the
+    flip the training augmentation uses)."""
     if isinstance(weights_or_model, FedscanNet):
         model = weights_or_model
     else:
@@ -100,6 +105,11 @@ def predict_logits(weights_or_model: FedscanNet | Path | str, samples: SampleSet
 
         model = load_weights(weights_or_model)
     logits, _ = _scores(model, samples)
+    if tta:
+        flipped = dataclasses.replace(
+            samples, images=np.ascontiguousarray(samples.images[..., ::-1])
+        )
+        logits = (logits + _scores(model, flipped)[0]) / 2.0
     return logits.double().numpy()
 
 

@@ -76,10 +76,10 @@ def validation_sets(ctx: SeedContext, books: dict[str, Path]) -> dict[str, Sampl
     return out
 
 
-def _stats(model: FedscanNet, samples: SampleSet) -> CalibrationStats | None:
+def _stats(model: FedscanNet, samples: SampleSet, tta: bool = False) -> CalibrationStats | None:
     if not len(samples):
         return None
-    return calibration_stats(predict_logits(model, samples), samples.labels)
+    return calibration_stats(predict_logits(model, samples, tta=tta), samples.labels)
 
 
 def scores(
@@ -92,16 +92,17 @@ def scores(
     hospitals (None: all of them, as the coordinator sums the nodes' reports); accuracy on
     every hospital's validation patients."""
     model = weights if isinstance(weights, FedscanNet) else load_weights(weights)
-    per = {n: _stats(model, v) for n, v in vals.items()}
+    tta = ctx.config.tta
+    per = {n: _stats(model, v, tta) for n, v in vals.items()}
     chosen = [s for n, s in per.items() if s is not None and (own is None or n in own)]
     correct = total = 0
     for v in vals.values():
         if len(v):
-            pred = predict_logits(model, v).argmax(axis=1)
+            pred = predict_logits(model, v, tta=tta).argmax(axis=1)
             correct += int((pred == v.labels).sum())
             total += len(v)
     return ModelScores(
-        test_logits=predict_logits(model, ctx.test),
+        test_logits=predict_logits(model, ctx.test, tta=tta),
         val_stats=combine(chosen),
         val_accuracy=correct / total if total else None,
     )

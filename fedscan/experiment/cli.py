@@ -86,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         strategy=args.strategy,
         strategy_args=_strategy_args(args.strategy_arg),
+        tta=args.tta,
         folds=args.folds,
         n_boot=args.n_boot,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -139,6 +140,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--strategy-arg", action="append", metavar="NAME=VALUE",
         help="keyword argument of the strategy, e.g. beta=0.9 (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tta", action="store_true",
+        help="interval tables score each slice as the mean over it and its mirror image",
     )  # fmt: skip
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")

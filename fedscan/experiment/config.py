@@ -29,6 +29,7 @@ class ExperimentConfig:
     jobs: int = 2  # trainings run at once (one arm of one seed each), in worker processes
     strategy: str = "fedavg"  # the coordinator's aggregation strategy (coordinator.strategy)
     strategy_args: tuple[tuple[str, float], ...] = ()  # its keyword arguments, e.g. beta 0.9
+    tta: bool = False  # score (test + validation) as the mean over each slice and its mirror
     folds: int = 0  # 0: the official test split; K >= 2: patient-disjoint K-fold CV
     n_boot: int = 1000  # bootstrap resamples of patients for the intervals
     cache_dir: Path | None = None  # imported dataset (DICOM + index.csv); default under ~/.cache
