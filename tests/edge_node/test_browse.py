@@ -411,3 +411,29 @@ def test_page_and_routes_behind_the_token(tmp_path: Path) -> None:
             assert anon.get("/api/changes", headers=bearer).json()["changes"]
     finally:
         d.shutdown(10)
+
+
+def test_frame_labels_show_on_their_frame_only(tmp_path: Path) -> None:
+    """A two-frame file: a label on frame 1 shows on that frame's row only; a whole-file label
+    shows on both; each slice says how many frames its file has (the page labels by frame)."""
+    path = tmp_path / "node.sqlite"
+    store = Store(path)
+    con = sqlite3.connect(path, isolation_level=None)
+    _study(con, "2.1")
+    _series(con, "2.1.1", "2.1")
+    con.close()
+    row = ("2.1.1.1", "2.1.1", "2.1", "k", "/inbox/mf.dcm", "covid", 0.7, 0.7, "5")
+    preds = [PredictionRow(row[0], f, *row[1:], None, None, None, None) for f in (0, 1)]
+    store.record_file(FileRecord("/inbox/mf.dcm", 1, 1.0, "2.1.1.1", "predicted", None, 2), preds)
+    store.close()
+    with LabelBook(path) as book:
+        book.set("2.1.1.1", "non_covid", who="dr_f", source="api", frame=1)
+    slices = browse.series_detail(path, "2.1.1")["slices"]
+    assert [(s["frame"], s["n_frames"], s["human_label"]) for s in slices] == [
+        (0, 2, None),
+        (1, 2, "non_covid"),
+    ]
+    with LabelBook(path) as book:
+        book.set("2.1.1.1", "covid", who="dr_f", source="api")
+    slices = browse.series_detail(path, "2.1.1")["slices"]
+    assert [s["human_label"] for s in slices] == ["covid", "covid"]
