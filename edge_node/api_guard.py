@@ -20,7 +20,8 @@ make the page's own origin the node (DNS rebinding). In order, each request:
    that this server never grants.
 4. Bodies are bounded: a ``Content-Length`` above the route's bound is 413 before anything is
    read, and a body without one (chunked) is counted while it streams and cut at the bound
-   (`BodyTooLarge`, answered 413 here when a handler lets it propagate).
+   (`BodyTooLarge`, answered 413 here when a handler lets it propagate). A body nested too
+   deep for ``json.loads`` (RecursionError in any route) is answered 400, not 500.
 
 Refusals are JSON ``{"error": ...}`` and carry no request data.
 """
@@ -28,6 +29,7 @@ Refusals are JSON ``{"error": ...}`` and carry no request data.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +39,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 JSON_TYPE = "application/json"
@@ -209,6 +213,12 @@ class RequestGuard:
         except BodyTooLarge as exc:
             if not started:
                 await _send_json(send, 413, str(exc))
+        except RecursionError:
+            # json.loads on a body nested deeper than the interpreter's recursion limit (a
+            # route parsing JSON itself): the request's fault, 400, not a 500
+            log.warning("request to %s refused: nested too deep to parse", scope.get("path"))
+            if not started:
+                await _send_json(send, 400, "request body nested too deep")
 
 
 def _headers(scope: Scope) -> dict[str, str]:

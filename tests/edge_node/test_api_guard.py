@@ -204,6 +204,9 @@ def test_label_fields_are_bounded(node: Daemon, client: httpx.Client, tmp_path: 
     assert client.post("/api/labels", content=deep, headers=JSON).status_code == 400
     deeper = b"[" * 100_000 + b"]" * 100_000
     assert client.post("/api/labels", content=deeper, headers=JSON).status_code == 413
+    shallow = b"[" * 2000 + b"]" * 2000  # past the recursion limit on any JSON route
+    r = client.post("/api/series/1.2.3/label", content=shallow, headers=JSON)
+    assert r.status_code == 400
     bad = [
         _label(uid, who="x" * 65),
         _label(uid, who={"a": 1}),
