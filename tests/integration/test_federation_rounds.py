@@ -220,6 +220,8 @@ augment = false
 early_stopping_patience = 0
 torch_threads = 1
 nice = 5
+[series]
+chest_only = false  # the slices are the real head CT 693_UNCR standing for "a CT slice"
 """
 
 
