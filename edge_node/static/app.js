@@ -22,6 +22,7 @@
     expanded: new Set(), // series UIDs whose full slice list is shown
     fullSlices: new Map(), // series UID -> slices from /api/series/{uid}
     viewer: null, // { slices, index, series, study }
+    flash: new Map(), // series UID -> the outcome of its last label action (survives re-render)
   };
 
   // -- small helpers ------------------------------------------------------------------------
@@ -173,8 +174,16 @@
     state.lastJson = text;
     renderModel(page.model);
     await Promise.all([...state.expanded].map((uid) => loadSlices(uid).catch(() => null)));
+    // A re-render must not throw a keyboard user back to the top: refocus the same control.
+    const focusKey = document.activeElement && document.activeElement.dataset
+      ? document.activeElement.dataset.focus
+      : undefined;
     renderStudies(page);
     renderPager(page);
+    if (focusKey) {
+      const again = studiesEl.querySelector(`[data-focus="${CSS.escape(focusKey)}"]`);
+      if (again) again.focus();
+    }
     openFromHash(page);
   }
 
@@ -319,19 +328,30 @@
     );
   }
 
-  function labelButtons(onLabel, what, caption) {
+  function labelButtons(onLabel, what, caption, focusPrefix) {
+    const button = (label, text) =>
+      h(
+        "button",
+        {
+          type: "button",
+          class: `label ${label}`,
+          dataset: focusPrefix ? { label, focus: `${focusPrefix}:${label}` } : { label },
+          onclick: () => onLabel(label),
+        },
+        text,
+      );
     return h(
       "div",
       { class: "label-buttons", role: "group", "aria-label": `Label ${what}` },
       caption ? h("span", { class: "caption muted", text: caption }) : null,
-      h("button", { type: "button", class: "label covid", dataset: { label: "covid" }, onclick: () => onLabel("covid") }, "covid"),
-      h("button", { type: "button", class: "label non_covid", dataset: { label: "non_covid" }, onclick: () => onLabel("non_covid") }, "non-covid"),
+      button("covid", "covid"),
+      button("non_covid", "non-covid"),
     );
   }
 
   function renderSeries(s, study) {
     const uid = s.series_instance_uid;
-    const msg = h("p", { class: "msg", "aria-live": "polite" });
+    const msg = h("p", { class: "msg", "aria-live": "polite", text: state.flash.get(uid) || "" });
     const descr = [s.body_part, s.protocol_name].filter(Boolean).join(" \u00b7 ");
     const expected = s.expected_instances ? ` / ${s.expected_instances}` : "";
     const expanded = state.expanded.has(uid);
@@ -359,7 +379,7 @@
         { class: "labels" },
         labelSummary(s.labels, s.n_slices),
         s.n_slices
-          ? labelButtons((label) => labelSeries(uid, label, msg), "every slice of this series", "Label series:")
+          ? labelButtons((label) => labelSeries(uid, label, msg), "every slice of this series", "Label series:", uid)
           : null,
         msg,
       ),
@@ -372,6 +392,7 @@
               {
                 type: "button",
                 class: "expand",
+                dataset: { focus: `${uid}:expand` },
                 "aria-expanded": expanded ? "true" : "false",
                 onclick: () => toggleSeries(uid),
               },
@@ -411,6 +432,7 @@
         {
           type: "button",
           class: "open",
+          dataset: { focus: `slice:${sl.id}` },
           "aria-label": `Open slice ${index + 1}, P(covid) ${fmtP(sl.prob_covid)}, ${sl.verdict}`,
           onclick: () => openViewer(slices, index, series, study),
         },
@@ -439,9 +461,7 @@
     } else {
       state.expanded.add(uid);
     }
-    await load(true);
-    const button = studiesEl.querySelector(`tr.series[data-series-uid="${CSS.escape(uid)}"] button.expand`);
-    if (button) button.focus();
+    await load(true); // keeps the focus on the expand button (data-focus)
   }
 
   // -- labels -------------------------------------------------------------------------------
@@ -471,7 +491,7 @@
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ label, who }),
       });
-      msgEl.textContent = `${r.slices} slices labelled ${label === "covid" ? "covid" : "non-covid"} (${r.changed} changed)`;
+      state.flash.set(uid, `${r.slices} slices labelled ${label === "covid" ? "covid" : "non-covid"} by ${who} (${r.changed} changed)`);
       await load(true);
     } catch (err) {
       msgEl.textContent = "error: " + err.message;

@@ -216,9 +216,14 @@ def test_labelling_from_the_page_with_mouse_and_keyboard(
         "(() => { const w = document.getElementById('who'); w.value = 'dr_page';"
         " w.dispatchEvent(new Event('input')); })()"
     )
-    page.eval(f"{row.format(poe)}.querySelector('button.label.covid').click()")
+    page.eval(f"{row.format(poe)}.querySelector('button.label.covid').focus()")
+    page.key("Enter", "Enter", "\r")  # the keyboard, on the focused button
     page.wait_for(f"{row.format(poe)}.querySelector('.label-summary').textContent"
                   ".startsWith('covid 3')")  # fmt: skip
+    # The list re-rendered: the focus is back on the same button, the outcome is said.
+    assert page.eval("document.activeElement.dataset.focus") == f"{poe}:covid"
+    said = page.eval(f"{row.format(poe)}.querySelector('.msg').textContent")
+    assert "3 slices labelled covid by dr_page" in said
     page.eval(f"{row.format(doe)}.nextElementSibling.querySelector('button.open').click()")
     page.wait_for("document.getElementById('viewer').open")
     page.key("ArrowRight")
