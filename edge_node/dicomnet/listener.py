@@ -53,9 +53,9 @@ def quiet_pynetdicom() -> None:
 
 
 def no_delay(event: Any) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the association's socket. Without it each small
-    C-STORE-RSP waits for the peer's delayed ACK (~40 ms on Linux), capping a series at
-    ~25 instances/s; pynetdicom leaves Nagle on, DCMTK turns it off with TCP_NODELAY=1."""
+    """EVT_CONN_OPEN: TCP_NODELAY on the association's socket, so a small PDU (a C-STORE-RSP)
+    never waits for the peer's delayed ACK. pynetdicom leaves Nagle on; for DCMTK storescp
+    (TCP_NODELAY=1) it is the difference between 21 and 277 slices/s in `fedscan bench dicom`."""
     with contextlib.suppress(AttributeError, OSError):  # no socket (tests), already closed
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
