@@ -635,7 +635,13 @@
 
   for (const name of FILTERS) {
     const value = params.get(name);
-    if (value) $(name).value = value;
+    if (!value) continue;
+    const el = $(name);
+    // A page size from a link (?limit=5) that the menu lacks is added, not silently dropped.
+    if (name === "limit" && ![...el.options].some((o) => o.value === value) && /^\d+$/.test(value)) {
+      el.append(h("option", { text: value }));
+    }
+    el.value = value;
   }
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();

@@ -146,6 +146,15 @@ def test_filters_and_pagination(fed: dict[str, Any], browser: Browser) -> None:
     page.close()
     assert "Doe, Jane" in dom and "Head routine" in dom and "Thorax 1.0 lung" not in dom
     assert "1 other series of this study hidden by the filter" in dom
+    page = _open(browser, fed, "/?limit=1")
+    assert page.eval("document.getElementById('status-line').textContent") == (
+        "Studies 1\u20131 of 3, newest first"
+    )
+    page.eval("[...document.querySelectorAll('#pager button')].at(-1).click()")  # Next
+    page.wait_for("document.getElementById('status-line').textContent.startsWith('Studies 2')")
+    assert "Roe, Richard" in page.html() and "page 2 of 3" in page.html()
+    assert "offset=1" in page.eval("location.search")  # the URL keeps the page for a reload
+    page.close()
     first = _api(fed, "/api/studies", params={"limit": "2"}).json()
     rest = _api(fed, "/api/studies", params={"limit": "2", "offset": "2"}).json()
     assert first["total"] == rest["total"] == 3
