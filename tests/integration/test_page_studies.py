@@ -45,6 +45,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         staging = tmp / "staging"
         series: dict[str, str] = {}
+        fed_files = 0
         for name, pid, acc, desc, date, offsets in STUDIES:
             study = new_study(name, pid, acc, desc, date)
             paths = write_chest_series(staging / pid, study, hu_offsets=offsets)
@@ -55,6 +56,12 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 paths += head
             for i, path in enumerate(paths):  # complete files appear in the inbox at once
                 os.replace(path, node.inbox / f"{pid}-{path.parent.name}-{i}.dcm")
+            # One study after the other, so "newest first" has a defined order.
+            fed_files += len(paths)
+            wait_for(
+                lambda n=fed_files: node.query("SELECT COUNT(*) FROM files")[0][0] >= n,
+                what=f"{fed_files} files handled",
+            )
         n_series = len(series)
         wait_for(
             lambda: len(node.query("SELECT 1 FROM series WHERE status != 'open'")) == n_series,
