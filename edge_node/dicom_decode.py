@@ -22,6 +22,9 @@ Reason codes (``exc.reason``), stable and greppable:
                                        bound: the dataset past max_dataset_bytes, a frame past
                                        the size its header gives
     PixelDecodeError  limit:frames     NumberOfFrames above DecodeLimits.max_frames
+                      j2k_header_mismatch / jpeg_header_mismatch (JPEG baseline, extended)
+                                       a frame's codestream (SIZ / SOF) is not the size the
+                                       header gives: decoders allocate the codestream's size
                       limit:pixels     frames x rows x columns x samples above max_pixels
 
 DICOM bombs: every bound is checked before the memory is spent. The file size before it is
@@ -430,6 +433,8 @@ def decode_pixels(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndar
         _check_native_length(ds)
     elif ts in GDCM_SYNTAXES and "PixelData" in ds:
         check_jpeg_frames(ds)  # gdcm aborts the process on a mismatch: refuse before it
+    elif ts in SIZED_SYNTAXES and "PixelData" in ds:
+        check_frame_sizes(ds, ts)  # decoders allocate what the codestream says: a bomb
     try:
         arr = pixel_array(ds)  # not ds.pixel_array: no cached copy kept on the dataset
     except NotImplementedError as exc:
@@ -562,6 +567,78 @@ def check_jpeg_frames(ds: Dataset) -> None:
             problems.append(f"precision {sof.precision} > BitsStored {bits_stored} (8-bit)")
         if problems:
             raise _mismatch(f"frame {index}: " + "; ".join(problems))
+
+
+# JPEG 2000 (incl. HTJ2K) and JPEG baseline / extended: the decoders (openjpeg, libjpeg via
+# pylibjpeg or Pillow) allocate the image size their codestream declares, not Rows x Columns.
+# A 100 KB JPEG 2000 frame whose SIZ said 20000 x 20000 made openjpeg decode 400 M pixels
+# (2.3 GB peak) before pydicom refused the shape. check_frame_sizes refuses any frame whose
+# codestream size differs from the header, so max_pixels bounds the decoders too.
+J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 multi-component lossless
+        "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 multi-component
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+JPEG_DCT_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+SIZED_SYNTAXES = J2K_SYNTAXES | JPEG_DCT_SYNTAXES
+_J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ: the start of every J2K codestream
+
+
+def j2k_frame_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment (a raw
+    codestream, or one inside a JP2 file); None when there is none."""
+    i = frame.find(_J2K_SIZ, 0, 4096)
+    if i < 0 or len(frame) < i + 4 + 38:
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", frame, i + 8)
+    (csiz,) = struct.unpack_from(">H", frame, i + 4 + 36)
+    if xsiz <= xosiz or ysiz <= yosiz or csiz == 0:
+        return None  # not a valid SIZ
+    return ysiz - yosiz, xsiz - xosiz, csiz
+
+
+def check_frame_sizes(ds: Dataset, ts: str) -> None:
+    """Refuse (PixelDecodeError ``j2k_header_mismatch`` / ``jpeg_header_mismatch``) a JPEG 2000
+    or JPEG baseline / extended object with a frame whose codestream declares another size
+    (rows, columns, components) than Rows, Columns, SamplesPerPixel (``pixel_decode`` when a
+    frame has no SIZ / SOF before its data: not a codestream)."""
+    try:
+        want = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"image geometry missing: {_short(exc)}"
+        ) from exc
+    n = number_of_frames(ds)
+    try:
+        frames = list(generate_fragmented_frames(ds.PixelData, number_of_frames=n))
+    except _DECODE_ERRORS as exc:
+        raise input_error(
+            PixelDecodeError, "pixel_decode", f"encapsulated frames unreadable: {_short(exc)}"
+        ) from exc
+    j2k = ts in J2K_SYNTAXES
+    reason = "j2k_header_mismatch" if j2k else "jpeg_header_mismatch"
+    for index, fragments in enumerate(frames[:n]):
+        first = fragments[0] if fragments else b""
+        if j2k:
+            got = j2k_frame_size(first)
+        else:
+            sof = jpeg_frame_header(first)
+            got = (sof.rows, sof.columns, sof.components) if sof is not None else None
+        if got is None:  # not a codestream at all: a corrupt stream, as the decoder would say
+            raise input_error(PixelDecodeError, "pixel_decode", f"frame {index}: no SIZ / SOF")
+        if got != want:
+            raise input_error(
+                PixelDecodeError,
+                reason,
+                f"frame {index}: codestream {got[0]}x{got[1]}x{got[2]} != header "
+                f"{want[0]}x{want[1]}x{want[2]} (rows x columns x samples)",
+            )
 
 
 def _mismatch(message: str) -> PixelDecodeError:

@@ -24,7 +24,13 @@ from edge_node.dicom_decode import DecodeLimits
 from edge_node.errors import InputError, NotDicomError, PixelDecodeError
 from edge_node.preprocess import PreprocessParams, prepare
 from tests.edge_node.test_api import DICOM, _client, _daemon
-from tests.helpers.dicom_bombs import deflated_dataset_bomb, deflated_frame_bomb, many_frames
+from tests.helpers.dicom_bombs import (
+    deflated_dataset_bomb,
+    deflated_frame_bomb,
+    j2k_size_bomb,
+    jpeg_size_bomb,
+    many_frames,
+)
 from tests.helpers.dicom_factory import write_ct
 
 MiB = 1 << 20
@@ -72,6 +78,22 @@ def test_frames_and_pixels_are_counted_from_the_header(tmp_path: Path) -> None:
     cap = PreprocessParams(limits=DecodeLimits(max_dataset_bytes=16_000))
     big = write_ct(tmp_path / "big.dcm", rows=128, cols=128)  # 32 KiB of pixels
     assert _reason(big, cap) == (NotDicomError, "limit:file_size")
+
+
+def test_codestream_sizes_must_match_the_header(tmp_path: Path) -> None:
+    """A 5 KB JPEG 2000 frame whose SIZ claims 20000 x 20000 (openjpeg would decode 400 M
+    pixels: 2.3 GB) and a JPEG baseline frame whose SOF does are refused before decoding
+    (j2k_header_mismatch / jpeg_header_mismatch); the honest 64 x 64 files decode."""
+    assert _reason(j2k_size_bomb(tmp_path / "j2k.dcm", 20000)) == (
+        PixelDecodeError,
+        "j2k_header_mismatch",
+    )
+    assert _reason(jpeg_size_bomb(tmp_path / "jpeg.dcm", 20000)) == (
+        PixelDecodeError,
+        "jpeg_header_mismatch",
+    )
+    assert len(prepare(j2k_size_bomb(tmp_path / "j2k_ok.dcm", 64)).frames) == 1
+    assert len(prepare(jpeg_size_bomb(tmp_path / "jpeg_ok.dcm", 64)).frames) == 1
 
 
 def test_limits_come_from_the_node_config() -> None:
@@ -171,20 +193,23 @@ def _peak(path: Path) -> tuple[str, int]:
 @pytest.mark.slow
 def test_one_gib_bombs_peak_memory(tmp_path: Path) -> None:
     """The issue's bombs at full size, default limits: a 1 MB file whose frame inflates to
-    1 GiB, a ~1 MB deflated dataset hiding a 1 GiB element, and 8,192 1x1 frames. Each is
-    refused; peak memory grows by less than the 288 MiB dataset cap plus a margin (before
-    the fix: 1 GiB, 2.25 GB, 3.47 GB)."""
+    1 GiB, a ~1 MB deflated dataset hiding a 1 GiB element, and 8,192 1x1 frames; plus a
+    5 KB JPEG 2000 frame whose SIZ claims 20000 x 20000. Each is refused; peak memory grows
+    by less than the 288 MiB dataset cap plus a margin (before the fix: 1 GiB, 2.25 GB,
+    3.47 GB as measured in issue 14; 2.3 GB for the J2K frame, measured here)."""
     assert resource.RLIM_INFINITY is not None
     frame = deflated_frame_bomb(tmp_path / "frame.dcm", 1 << 30)
     dataset = deflated_dataset_bomb(tmp_path / "ds.dcm", 1 << 30)
     frames = many_frames(tmp_path / "frames.dcm", 8192)
-    results = {p.name: _peak(p) for p in (frame, dataset, frames)}
+    j2k = j2k_size_bomb(tmp_path / "j2k.dcm", 20000)
+    results = {p.name: _peak(p) for p in (frame, dataset, frames, j2k)}
     print(
         {k: (v[0], f"{v[1]} MiB", tmp_path.joinpath(k).stat().st_size) for k, v in results.items()}
     )
     assert results["frame.dcm"][0] == "limit:inflated" and results["frame.dcm"][1] < 64
     assert results["ds.dcm"][0] == "limit:inflated" and results["ds.dcm"][1] < 288 + 64
     assert results["frames.dcm"][0] == "limit:frames" and results["frames.dcm"][1] < 64
+    assert results["j2k.dcm"][0] == "j2k_header_mismatch" and results["j2k.dcm"][1] < 64
 
 
 @pytest.mark.slow

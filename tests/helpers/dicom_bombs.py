@@ -5,6 +5,8 @@
 - `deflated_dataset_bomb`: Deflated Explicit VR Little Endian, a real-looking CT whose
   dataset hides a private OB element of ``hidden`` zero bytes after the pixel data.
 - `many_frames`: a native CT with ``n`` frames of 1 x 1 pixel (each frame is a prediction row).
+- `j2k_size_bomb` / `jpeg_size_bomb`: a small JPEG 2000 / JPEG baseline frame whose codestream
+  (SIZ / SOF) declares a huge image: the decoder allocates what the codestream says.
 
 The zeros are fed to the compressor in chunks, so building a 1 GiB bomb costs ~16 MiB.
 """
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.encaps import encapsulate
+from PIL import Image
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
 from edge_node.dicom_decode import DEFLATED_IMAGE_FRAME
 from tests.helpers.dicom_factory import write_ct
@@ -80,3 +83,46 @@ def deflated_dataset_bomb(path: Path, hidden: int, *, rows: int = 64) -> Path:
 def many_frames(path: Path, n: int) -> Path:
     """A native CT of ``n`` 1 x 1 frames (a few bytes each)."""
     return write_ct(path, hu=np.zeros((n, 1, 1)), rows=1, cols=1)
+
+
+def _encapsulated_ct(path: Path, syntax: str, frame: bytes, *, rows: int, bits: int) -> Path:
+    """A CT of one encapsulated ``frame`` in ``syntax`` (written via a J2K placeholder when
+    pydicom does not know how to write the syntax: same padded UID length or shorter)."""
+    write_ct(path, rows=rows, cols=rows)
+    ds = pydicom.dcmread(path)
+    if bits == 8:
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = syntax
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def j2k_size_bomb(path: Path, side: int, *, rows: int = 64) -> Path:
+    """A JPEG 2000 Lossless CT of ``rows`` x ``rows`` whose codestream SIZ claims side x side
+    (openjpeg allocates the SIZ size); ``side == rows`` gives the honest file."""
+    write_ct(path, rows=rows, cols=rows)
+    ds = pydicom.dcmread(path)
+    ds.compress(JPEG2000Lossless)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    at = frame.find(b"\xff\x4f\xff\x51")
+    struct.pack_into(">II", frame, at + 8, side, side)  # Xsiz, Ysiz (offsets are 0)
+    struct.pack_into(">II", frame, at + 24, side, side)  # XTsiz, YTsiz: one tile, that big
+    return _encapsulated_ct(path, str(JPEG2000Lossless), bytes(frame), rows=rows, bits=16)
+
+
+def jpeg_size_bomb(path: Path, side: int, *, rows: int = 64) -> Path:
+    """A JPEG baseline (8-bit, Pillow) CT of ``rows`` x ``rows`` whose SOF claims side x side."""
+    img = Image.fromarray(np.full((rows, rows), 100, dtype=np.uint8), "L")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    frame = bytearray(buf.getvalue())
+    at = frame.find(b"\xff\xc0")
+    struct.pack_into(">HH", frame, at + 5, side, side)  # Y, X after length and precision
+    return _encapsulated_ct(path, JPEGBaseline8Bit, bytes(frame), rows=rows, bits=8)
