@@ -70,9 +70,10 @@ def _dicom_port(node: NodeProcess) -> int:
 
 def test_storescu_series_is_received_and_predicted(node: NodeProcess, tmp_path: Path) -> None:
     """20 slices of one CT series over C-STORE (DCMTK storescu, the outside peer): the watcher
-    predicts all 20; C-ECHO answers; /metrics counts the association and the instances."""
+    predicts all 20; C-ECHO answers; an unknown calling AE is refused; /metrics counts it all."""
     port = _dicom_port(node)
     assert echo(port, "FEDSCAN", calling_ae="MODALITY")
+    assert not echo(port, "FEDSCAN", calling_ae="INTRUDER")  # not on allowed_calling_aes
     # BodyPartExamined CHEST: the chest-only series filter takes this real (head) CT slice
     files = write_series(sample_path("693_UNCR.dcm"), tmp_path / "series", 20, body_part="CHEST")
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
@@ -88,6 +89,8 @@ def test_storescu_series_is_received_and_predicted(node: NodeProcess, tmp_path: 
     metrics = httpx.get(f"http://127.0.0.1:{node.port}/metrics", timeout=10).text
     assert "fedscan_dicom_instances_stored_total 20" in metrics
     assert "fedscan_dicom_associations_accepted_total 2" in metrics  # echo + store
+    assert "fedscan_dicom_associations_refused_total 1" in metrics
+    assert "fedscan_dicom_echoes_total 1" in metrics
     log = node.log.read_text()
     assert all(uid not in log for uid in sent)  # no UIDs in the node's log
 
