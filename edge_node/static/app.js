@@ -403,7 +403,7 @@
     );
     const strip = h(
       "tr",
-      { class: "slices-row" },
+      { class: expanded ? "slices-row expanded" : "slices-row" },
       h(
         "td",
         { colspan: "6" },
@@ -663,6 +663,15 @@
       window.localStorage.setItem("fedscan.reader", input.value.trim());
     });
   }
+  // Compact list: hide the key-slice strips (the choice is remembered on this workstation).
+  const showSlices = $("show-slices");
+  showSlices.checked = window.localStorage.getItem("fedscan.compact") !== "1";
+  const applyCompact = () => document.body.classList.toggle("compact", !showSlices.checked);
+  applyCompact();
+  showSlices.addEventListener("change", () => {
+    window.localStorage.setItem("fedscan.compact", showSlices.checked ? "0" : "1");
+    applyCompact();
+  });
   const slicesLink = $("slices-link");
   slicesLink.setAttribute("href", withToken(slicesLink.getAttribute("href")));
 

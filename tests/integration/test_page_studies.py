@@ -153,6 +153,14 @@ def test_filters_and_pagination(fed: dict[str, Any], browser: Browser) -> None:
     page.close()
     assert "Doe, Jane" in dom and "Head routine" in dom and "Thorax 1.0 lung" not in dom
     assert "1 other series of this study hidden by the filter" in dom
+    page = _open(browser, fed)
+    page.eval("document.getElementById('show-slices').click()")  # compact: no slice strips
+    assert page.eval(
+        "[...document.querySelectorAll('tr.slices-row')].every((r) => !r.offsetHeight)"
+    )
+    page.eval("document.getElementById('show-slices').click()")
+    assert page.eval("document.querySelector('tr.slices-row').offsetHeight") > 100
+    page.close()
     page = _open(browser, fed, "/?limit=1")
     assert page.eval("document.getElementById('status-line').textContent") == (
         "Studies 1\u20131 of 3, newest first"
