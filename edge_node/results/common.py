@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,6 +11,20 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 MANUFACTURER = "fedscan"
+
+
+def quiet_highdicom() -> None:
+    """No header value from highdicom reaches the logs (idempotent; run at import).
+
+    highdicom logs "copy Patient-related attributes from dataset <UID>" at INFO and warns
+    with the PatientName quoted when it has one component; neither may reach the node log.
+    """
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)")
+
+
+quiet_highdicom()
 # Patient and study module attributes copied from the source (type 2: present, maybe empty).
 PATIENT_STUDY = (
     "PatientName",

@@ -3,14 +3,16 @@ and a Secondary Capture, valid by dciodvfy (dicom3tools), read back by pydicom a
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from edge_node.results.common import SeriesFinding, SliceScore
+from edge_node.results.common import SeriesFinding, SliceScore, quiet_highdicom
 from edge_node.results.publish import ResultPublisher
 from tests.helpers.dicom_factory import sample_path, write_series
 
@@ -132,3 +134,21 @@ def test_uids_follow_the_content(series: list[Path], tmp_path: Path) -> None:
     changed = publish(dataclasses.replace(finding, score=0.8, n_slices_used=6), rows)
     assert changed["sr"]["sop_instance_uid"] != first["sr"]["sop_instance_uid"]
     assert changed["sr"]["series_instance_uid"] == first["sr"]["series_instance_uid"]
+
+
+def test_building_results_logs_no_patient_name_or_uid(
+    series: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source whose PatientName has one component (highdicom warns quoting it) and whose
+    study UID highdicom names at INFO: nothing of either reaches the logs or warnings."""
+    for p in series:
+        ds = pydicom.dcmread(p)
+        ds.PatientName = "CQ500-CT-310"
+        ds.save_as(p)
+    study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_highdicom()  # catch_warnings reset the filters; the daemon has them from import
+        ResultPublisher(tmp_path / "outbox")(_finding(series), {"paths": [str(p) for p in series]})
+    text = caplog.text + "\n".join(str(w.message) for w in caught)
+    assert "CQ500-CT-310" not in text and study_uid not in text
