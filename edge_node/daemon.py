@@ -162,7 +162,8 @@ class Daemon:
         self.pipeline = Pipeline(
             holder=self.holder,
             store=self.store,
-            quarantine=Quarantine(paths.quarantine_dir),
+            # no copy of a file too large to read (limit:file_size): its reason file only
+            quarantine=Quarantine(paths.quarantine_dir, config.preprocess.max_dataset_mb << 20),
             preprocess=config.preprocess,
             files_per_batch=config.watcher.batch_size,
             slices_per_run=config.inference.batch_size,

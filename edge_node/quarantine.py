@@ -30,15 +30,27 @@ def path_tag(path: Path | str) -> str:
 class Quarantine:
     """Copies refused files into ``folder``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_copy_bytes: int | None = None) -> None:
         self.folder = Path(folder)
+        # a refused file larger than this (limit:file_size: a 10 GB file in the inbox) gets
+        # its reason file only, so refusing it cannot fill the disk; None = copy any size
+        self.max_copy_bytes = max_copy_bytes
         self._lock = threading.Lock()
 
     def put(self, src: Path, reason: str, detail: str = "") -> Path | None:
-        """Copy ``src`` and write its reason file; returns the copy, or None if ``src`` vanished."""
+        """Copy ``src`` and write its reason file; returns the copy, or None if ``src`` vanished
+        (or was larger than ``max_copy_bytes``: then only the reason file is written)."""
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock:  # name choice + copy must not race another worker
             dst = self._free_name(src)
+            try:
+                size = src.stat().st_size
+            except OSError:
+                return None
+            if self.max_copy_bytes is not None and size > self.max_copy_bytes:
+                self._write_reason(dst, src, reason, detail, size, copied=False)
+                log.warning("quarantined file %s (too large to copy): %s", path_tag(src), reason)
+                return None
             try:
                 with open(src, "rb") as inp:  # a vanished source: nothing created
                     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -52,26 +64,33 @@ class Quarantine:
                 dst.unlink(missing_ok=True)  # no partial copy left on a full disk
                 log.error("quarantine copy failed for file %s: %s", path_tag(src), exc.strerror)
                 return None
-            record = {
-                "reason": reason,
-                "detail": detail,
-                "source_path": str(src),
-                "size": dst.stat().st_size,
-                "quarantined_at": time.time(),
-            }
-            reason_path = dst.with_name(dst.name + ".reason.json")
-            tmp = reason_path.with_name("." + reason_path.name + ".tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with open(fd, "w") as f:
-                    f.write(json.dumps(record, indent=2) + "\n")
-                os.replace(tmp, reason_path)
-            except OSError as exc:  # disk full: the node's state still records the reason
-                tmp.unlink(missing_ok=True)
-                log.error("quarantine reason file not written for file %s: %s",
-                          path_tag(src), exc.strerror)  # fmt: skip
+            self._write_reason(dst, src, reason, detail, dst.stat().st_size, copied=True)
         log.warning("quarantined file %s: %s", path_tag(src), reason)
         return dst
+
+    def _write_reason(
+        self, dst: Path, src: Path, reason: str, detail: str, size: int, *, copied: bool
+    ) -> None:
+        record = {
+            "reason": reason,
+            "detail": detail,
+            "source_path": str(src),
+            "size": size,
+            "copied": copied,
+            "quarantined_at": time.time(),
+        }
+        reason_path = dst.with_name(dst.name + ".reason.json")
+        tmp = reason_path.with_name("." + reason_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, reason_path)
+        except OSError as exc:  # disk full: the node's state still records the reason
+            tmp.unlink(missing_ok=True)
+            log.error(
+                "quarantine reason file not written for file %s: %s", path_tag(src), exc.strerror
+            )
 
     def _free_name(self, src: Path) -> Path:
         dst = self.folder / src.name

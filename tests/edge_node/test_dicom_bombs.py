@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_node.config import PreprocessConfig
+from edge_node.cmd_daemon import init_node
+from edge_node.config import PreprocessConfig, load_config
 from edge_node.daemon import Daemon
 from edge_node.dicom_decode import DecodeLimits
 from edge_node.errors import InputError, NotDicomError, PixelDecodeError
@@ -32,6 +33,7 @@ from tests.helpers.dicom_bombs import (
     many_frames,
 )
 from tests.helpers.dicom_factory import write_ct
+from tests.helpers.onnx_models import make_classifier
 
 MiB = 1 << 20
 
@@ -149,6 +151,29 @@ def test_daemon_quarantines_bombs_with_their_reason(node: Daemon, tmp_path: Path
         "frame.dcm.reason.json": "limit:inflated",
         "frames.dcm.reason.json": "limit:frames",
     }
+
+
+def test_file_too_large_to_read_is_not_copied(tmp_path: Path) -> None:
+    """With max_dataset_mb = 1, a 2 MiB CT in the inbox is quarantined as limit:file_size
+    with its reason file only (copied: false): refusing a huge file must not fill the disk."""
+    toml = init_node(tmp_path / "node")
+    make_classifier(tmp_path / "node" / "models" / "current.onnx", version="5")
+    overrides = {"api": {"port": 0}, "preprocess": {"max_dataset_mb": 1}}
+    d = Daemon(load_config(toml, overrides))
+    d.start()
+    try:
+        big = write_ct(tmp_path / "big.dcm", rows=1024, cols=1024)
+        big.replace(d.config.paths.inbox / "big.dcm")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "big.dcm" not in _files(d):
+            time.sleep(0.1)
+        assert _files(d)["big.dcm"] == ("quarantined", "limit:file_size")
+        quarantine = d.config.paths.quarantine_dir
+        record = json.loads((quarantine / "big.dcm.reason.json").read_text())
+        assert record["copied"] is False and record["size"] > 2 * MiB
+        assert not (quarantine / "big.dcm").exists()
+    finally:
+        d.shutdown(10)
 
 
 def test_uploaded_bomb_is_refused_and_not_kept(node: Daemon, tmp_path: Path) -> None:
