@@ -163,7 +163,7 @@ class FederationConfig:
     coordinator_public_key: Path | None = None  # Ed25519 key that must sign global manifests
     codec: str = "fp16"  # default update codec when the round config does not say
     safety_margin: float | None = None  # refuse a global model this much less accurate locally
-    # -- differential privacy on updates (edge_node/privacy.py); off while dp_clip is unset --
+    # -- differential privacy on updates (federate/privacy.py); off while dp_clip is unset --
     dp_clip: float | None = None  # L2 bound of the whole update delta
     dp_noise_multiplier: float = 0.0  # Gaussian noise sigma = dp_noise_multiplier * dp_clip
     dp_delta: float = 1e-5  # epsilon is reported at this delta

@@ -22,16 +22,16 @@ from typing import Any, Protocol
 
 from edge_node.config import NodeConfig
 from edge_node.errors import ConfigError, ModelError
+from edge_node.federate.model_refusal import RefusedModels
 from edge_node.file_modes import tighten_state
-from edge_node.inference import ModelHolder
-from edge_node.metrics import DicomStats, PipelineStats
-from edge_node.model_refusal import RefusedModels
-from edge_node.pipeline import Pipeline
-from edge_node.quarantine import Quarantine
+from edge_node.ingest.quarantine import Quarantine
+from edge_node.ingest.watcher import Watcher, inbox_relative
 from edge_node.retention import RetentionSweeper
+from edge_node.serve.inference import ModelHolder
+from edge_node.serve.pipeline import Pipeline
+from edge_node.serve.stats import DicomStats, PipelineStats
 from edge_node.state_lock import StateLock
 from edge_node.store import Store
-from edge_node.watcher import Watcher, inbox_relative
 from fl_protocol.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class Daemon:
             self.series_tracker.start()  # open series of an earlier run complete as well
         self._start_dicom()
         if self.config.api.enabled:
-            from edge_node.api import ApiServer
+            from edge_node.serve.api import ApiServer
 
             self.api = ApiServer(self)
             try:
@@ -276,7 +276,7 @@ class Daemon:
 
     def _start_federation(self) -> None:
         """Follow the global model (and train in rounds); torch stays in its worker process."""
-        from edge_node.federation import FederationClient
+        from edge_node.federate.client import FederationClient
 
         def on_new_model(path: Path, version: int) -> None:
             self.holder.swap(path)  # checked and warmed up before it replaces the served one
@@ -387,13 +387,13 @@ class DicomLike(Protocol):
 
 
 class FederationLike(Protocol):
-    """What the daemon needs from edge_node.federation.FederationClient."""
+    """What the daemon needs from edge_node.federate.client.FederationClient."""
 
     def stop(self, timeout: float = 10.0) -> None: ...
 
 
 class ApiServerLike(Protocol):
-    """What the daemon needs from the API server (edge_node.api.ApiServer)."""
+    """What the daemon needs from the API server (edge_node.serve.api.ApiServer)."""
 
     def start(self) -> int: ...
 

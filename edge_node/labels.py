@@ -373,7 +373,7 @@ class LabelBook:
         )
         if rows and rows[0]["last"] is not None:
             return int(rows[0]["last"]) + 1
-        from edge_node.preprocess import read_meta  # torch-free; imported late
+        from edge_node.ingest.preprocess import read_meta  # torch-free; imported late
 
         try:
             return max(1, int(read_meta(path).n_frames))
@@ -568,7 +568,9 @@ def _uniform(rows: list[LabelRecord]) -> str | None:
 
 def slice_identity(path: Path) -> tuple[str, str | None]:
     """(SOPInstanceUID, patient_key) from a file's header (InputError if it is not DICOM)."""
-    from edge_node.preprocess import read_meta  # torch-free; imported late to keep this light
+    from edge_node.ingest.preprocess import (
+        read_meta,  # torch-free; imported late to keep this light
+    )
 
     meta = read_meta(path)
     return str(meta.sop_instance_uid), meta.patient_key

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 METADATA_SCHEMA = "1"
 INPUT_SIZE = 224
-TEXTURE_KIND = "glcm_lbp"  # edge_node.texture: GLCM + uniform LBP
+TEXTURE_KIND = "glcm_lbp"  # edge_node.ingest.texture: GLCM + uniform LBP
 DEFAULT_OPSET = 17
 Exporter = Literal["torchscript", "dynamo"]
 
@@ -87,7 +87,7 @@ def export_onnx(
     (``fl_protocol.calibration.OperatingPoint``, or anything with a ``metadata()`` of
     ``fedscan.*`` strings): its ``fedscan.temperature`` / ``fedscan.threshold`` /
     ``fedscan.uncertain_band`` join the metadata, which the node reads
-    (``edge_node.inference``). Without it the node uses T = 1, threshold 0.5.
+    (``edge_node.serve.inference``). Without it the node uses T = 1, threshold 0.5.
     """
     if window_width <= 0:
         raise ExportError("window_width must be > 0")

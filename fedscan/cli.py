@@ -21,7 +21,7 @@ from fedscan.errors import MissingExtraError
 # subcommand -> module that registers it (module import must be light: no torch at top level)
 COMMANDS: dict[str, str] = {
     "node": "edge_node.cli",
-    "predict": "edge_node.cli_predict",
+    "predict": "edge_node.cli.predict",
     "export": "fedscan.export_cmd",
     "coordinator": "coordinator.cli",
     "dataset": "fedscan.dataset_cmd",

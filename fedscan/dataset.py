@@ -16,7 +16,8 @@ Layouts of the source folder:
 
 Output: ``OUT/<split>/<label>/<name>.dcm`` and ``OUT/index.csv`` with the columns
 `INDEX_FIELDS`: the DICOM path relative to OUT, split, label (``covid`` / ``non_covid``),
-patient_key (sha256 of the PatientID written, as edge_node.preprocess computes it), the source
+patient_key (sha256 of the PatientID written, as edge_node.ingest.preprocess computes it), the
+source
 file relative to SRC, and the SOPInstanceUID.
 
 Each DICOM file: Secondary Capture Image Storage, Modality CT (so the default allow-list takes
@@ -49,7 +50,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from edge_node.preprocess import patient_key
+from edge_node.ingest.preprocess import patient_key
 from fedscan.errors import DatasetError
 
 log = logging.getLogger(__name__)

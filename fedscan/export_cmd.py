@@ -7,8 +7,8 @@
 ``--weights`` is a fedscan safetensors file (its metadata gives arch and texture_dim);
 without it the model is built fresh (random init, or ``--pretrained`` for the backbone, with a
 fresh classifier). After export, the ONNX file is run with onnxruntime on real CT slices
-(preprocessed with ``edge_node.preprocess.prepare``, texture features with
-``edge_node.texture``) at batch 1 and batch 8 and compared to torch eval; the max abs logit
+(preprocessed with ``edge_node.ingest.preprocess.prepare``, texture features with
+``edge_node.ingest.texture``) at batch 1 and batch 8 and compared to torch eval; the max abs logit
 difference of each is printed and a difference beyond tolerance fails the command (exit 13).
 Default slices: the real CT samples in tests/fixtures/dicom or ../shared/data/dicom-samples.
 With fewer than 8 distinct slices, batch 8 adds their mirror images and then repeats.
@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
 def _build(args: argparse.Namespace) -> Any:
     import torch
 
-    from edge_node.texture import TEXTURE_DIM
+    from edge_node.ingest.texture import TEXTURE_DIM
     from export.weights import load_weights
     from export.zoo import create_model
 
@@ -141,7 +141,7 @@ def load_parity_slices(
 ) -> np.ndarray:
     """Distinct real preprocessed slices ``[K, 224, 224]`` (unusable files skipped, logged)."""
     from edge_node.errors import InputError
-    from edge_node.preprocess import PreprocessParams, prepare
+    from edge_node.ingest.preprocess import PreprocessParams, prepare
 
     params = PreprocessParams(window_center=window_center, window_width=window_width)
     frames: list[np.ndarray] = []
@@ -168,7 +168,7 @@ def parity_batch(slices: np.ndarray, n: int) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from edge_node.texture import texture_batch
+    from edge_node.ingest.texture import texture_batch
     from export.onnx_export import export_onnx
     from export.parity import parity_check
 
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 def _int8(
     args: argparse.Namespace, out: Path, images: np.ndarray, texture_dim: int
 ) -> dict[str, Any]:
-    from edge_node.texture import texture_batch
+    from edge_node.ingest.texture import texture_batch
     from export.parity import ort_session
     from export.quantize import quantize_onnx
 

@@ -28,7 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from edge_node.preprocess import patient_key
+from edge_node.ingest.preprocess import patient_key
 from fedscan.dataset import (
     LABELS,
     IndexRow,

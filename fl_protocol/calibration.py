@@ -39,7 +39,7 @@ MARGINS: tuple[float, ...] = tuple(-8.0 + MARGIN_STEP * k for k in range(65))
 BANDS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 BAND_ACCURACY = 0.7  # below this accuracy, calls near the threshold are shown as "uncertain"
 BAND_MIN_SLICES = 5
-DEFAULT_BAND = 0.1  # edge_node.inference's default for an uncalibrated model
+DEFAULT_BAND = 0.1  # edge_node.serve.inference's default for an uncalibrated model
 THRESHOLD_RANGE = (0.01, 0.99)
 
 

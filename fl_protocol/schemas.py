@@ -321,7 +321,7 @@ class GlobalManifest(Message):
     federation: str
     version: int  # global model version; never goes back (ReplayGuard)
     arch: str  # export.zoo architecture name
-    texture_dim: int  # 0 or edge_node.texture.TEXTURE_DIM
+    texture_dim: int  # 0 or edge_node.ingest.texture.TEXTURE_DIM
     payload: PayloadManifest  # the safetensors weights, chunked on fl/F/global/V/chunk/i
     round: RoundConfig | None = None  # the open round, None between rounds
     created_at: float = field(default_factory=time.time)

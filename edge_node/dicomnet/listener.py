@@ -33,7 +33,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_node.config import DicomListenerConfig
-from edge_node.metrics import DicomStats
+from edge_node.serve.stats import DicomStats
 from fl_protocol.files import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)

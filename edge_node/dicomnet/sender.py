@@ -30,7 +30,7 @@ from pynetdicom import AE, evt
 from edge_node.config import DicomSendConfig
 from edge_node.dicomnet.listener import no_delay, quiet_pynetdicom
 from edge_node.dicomnet.outbox import Outbox
-from edge_node.metrics import DicomStats
+from edge_node.serve.stats import DicomStats
 from fl_protocol.files import write_atomic
 
 log = logging.getLogger(__name__)

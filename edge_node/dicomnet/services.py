@@ -13,7 +13,7 @@ from edge_node.dicomnet.listener import Listener
 from edge_node.dicomnet.outbox import Outbox
 from edge_node.dicomnet.sender import Sender
 from edge_node.errors import ConfigError
-from edge_node.metrics import DicomStats
+from edge_node.serve.stats import DicomStats
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def _key_slices(
     finding: SeriesFinding, headers: dict[str, tuple[str, Dataset]], n: int
 ) -> list[Any]:
     """The ``n`` slices with the highest P(covid), in the lung window (sc.KeySlice)."""
-    from edge_node.preprocess import PreprocessParams, prepare
+    from edge_node.ingest.preprocess import PreprocessParams, prepare
     from edge_node.results.sc import KeySlice
 
     ranked = sorted(finding.slices, key=lambda s: -s.prob_covid)

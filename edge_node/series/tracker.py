@@ -36,7 +36,7 @@ Publish = Callable[[SeriesFinding, dict[str, Any]], dict[str, Any]]  # (finding,
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The served model's decision settings (edge_node.inference.ModelInfo)."""
+    """The served model's decision settings (edge_node.serve.inference.ModelInfo)."""
 
     threshold: float = 0.5
     uncertain_band: float = 0.10

@@ -113,7 +113,7 @@ RECEIVERS = ("fedscan", "fedscan_no_fsync", "storescp")
 def _receive_once(files: list[Path], dest: Path, receiver: str, env: dict[str, str]) -> float:
     from edge_node.config import DicomListenerConfig
     from edge_node.dicomnet.listener import Listener
-    from edge_node.metrics import DicomStats
+    from edge_node.serve.stats import DicomStats
 
     if receiver == "storescp":
         with DcmtkStoreScp(dest, ae_title="STORESCP", pdu=PDU, env=env) as pacs:
@@ -182,7 +182,7 @@ def series_to_sr(
     """A real node receives the series; seconds from the last slice to the SR at the PACS."""
     import sqlite3
 
-    from edge_node.cmd_daemon import init_node
+    from edge_node.cli.daemon import init_node
 
     folder = work / "node"
     shutil.rmtree(folder, ignore_errors=True)

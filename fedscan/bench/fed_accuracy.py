@@ -3,7 +3,7 @@
 Three simulated hospitals get patient-disjoint shares of the training split (UCSD COVID-CT,
 official split, when ``../shared/data/covid-ct-ucsd`` is there; else the synthetic CT set of
 ``fedscan.synthetic``). From the same global model (random init: no pretrained weights here)
-each trains ``local_epochs`` epochs exactly as a node does (``edge_node.trainer.train_epoch``:
+each trains ``local_epochs`` epochs exactly as a node does (``edge_node.train.trainer.train_epoch``:
 AdamW, augmentation, class-weighted cross-entropy) and ``compute_delta`` gives its update. The
 SAME three deltas are then encoded with each codec (``fl_protocol.codecs.encode``), decoded as
 the coordinator decodes them, and folded by the coordinator's ``fedavg`` strategy (weighted by
@@ -82,8 +82,8 @@ def local_update(
     """(local - global, seconds) after ``epochs`` node-style epochs on ``samples``."""
     import torch
 
-    from edge_node.trainer import class_weights, train_epoch
-    from edge_node.update_sender import compute_delta
+    from edge_node.federate.update_sender import compute_delta
+    from edge_node.train.trainer import class_weights, train_epoch
     from export.weights import state_to_numpy
 
     torch.manual_seed(seed)

@@ -1,10 +1,11 @@
 """Part 1: the bytes one node publishes per round, for every codec, on real weight deltas.
 
 A delta is what a node really sends: a random-init model (``export.zoo.create_model``) takes a
-few training steps exactly as the node trains (``edge_node.trainer.train_epoch``: AdamW, the
+few training steps exactly as the node trains (``edge_node.train.trainer.train_epoch``: AdamW, the
 paper's augmentation, class-weighted cross-entropy) on real CT slices (the pydicom-data CT
-samples in ``tests/fixtures/dicom``, preprocessed by ``edge_node.preprocess.prepare``), and
-``edge_node.update_sender.compute_delta`` takes local - global. Each codec then goes through
+samples in ``tests/fixtures/dicom``, preprocessed by ``edge_node.ingest.preprocess.prepare``), and
+``edge_node.federate.update_sender.compute_delta`` takes local - global. Each codec then goes
+through
 the node's publishing path: ``fl_protocol.codecs.encode`` (all tensors, or only the tensors
 ``head`` mode trains), ``fl_protocol.chunking.split`` (1 MiB chunks) and a signed
 ``UpdateManifest``. Counted: the manifest JSON plus every chunk, i.e. the MQTT payloads the
@@ -32,7 +33,7 @@ ROUND = 1
 
 def ct_slices(n: int, work: Path) -> tuple[np.ndarray, str]:
     """``n`` real CT frames [n, 1, 224, 224] (repeated when fewer exist) and where from."""
-    from edge_node.preprocess import PreprocessParams, prepare
+    from edge_node.ingest.preprocess import PreprocessParams, prepare
 
     frames = [
         f
@@ -60,9 +61,9 @@ def realistic_delta(
     """(global weights, local - global, facts) after one pass over ``images`` in ``batch``es."""
     import torch
 
-    from edge_node.train_data import SampleSet
-    from edge_node.trainer import class_weights, train_epoch
-    from edge_node.update_sender import compute_delta
+    from edge_node.federate.update_sender import compute_delta
+    from edge_node.train.data import SampleSet
+    from edge_node.train.trainer import class_weights, train_epoch
     from export.weights import state_to_numpy
     from export.zoo import create_model
 
@@ -116,8 +117,9 @@ def published(
     num_samples: int,
     signing_key: Any,
 ) -> dict[str, Any]:
-    """Encode, chunk and sign like ``edge_node.update_sender.UpdateSender.build`` + ``send``."""
-    from edge_node.update_sender import metric_values
+    """Encode, chunk and sign like ``edge_node.federate.update_sender.UpdateSender.build`` and
+    ``send``."""
+    from edge_node.federate.update_sender import metric_values
     from fl_protocol import topics
     from fl_protocol.chunking import split
     from fl_protocol.codecs import decode, encode
@@ -171,7 +173,7 @@ def published(
 
 def eval_report_bytes(train_metrics: Any) -> int:
     """Size of the per-round evaluation report (same for every codec)."""
-    from edge_node.update_sender import eval_report
+    from edge_node.federate.update_sender import eval_report
 
     return len(eval_report(ROUND, NODE, 0, train_metrics).to_bytes())
 

@@ -3,7 +3,7 @@
     python -m fedscan.bench.fed_node --config node.toml
 
 Runs what a `fedscan node run` daemon runs for ``[federation] enabled``: the real
-``edge_node.federation.FederationClient`` over a ``PahoTransport`` to the configured broker,
+``edge_node.federate.client.FederationClient`` over a ``PahoTransport`` to the configured broker,
 with the real low-priority compute worker (``WorkerCompute``: torch pre-imported, ONNX export
 and ``train_once`` in a child process), and every installed global model swapped into a
 ``ModelHolder`` as the daemon's inference path does. Without the watcher, pipeline and API:
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from edge_node.config import load_config
-    from edge_node.federation import FederationClient
-    from edge_node.inference import ModelHolder
+    from edge_node.federate.client import FederationClient
+    from edge_node.serve.inference import ModelHolder
 
     config = load_config(args.config)
     holder = ModelHolder(intra_op_threads=config.inference.intra_op_threads)

@@ -45,7 +45,7 @@ from fedscan.bench.fed_common import (
 )
 
 READY = "compute worker ready"
-WORKER_CMD = "edge_node.local_compute"
+WORKER_CMD = "edge_node.train.compute_service"
 
 
 def _children(pid: int) -> list[int]:

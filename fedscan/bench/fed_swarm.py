@@ -1,11 +1,12 @@
 """Part 5: one round completed by many lightweight simulated nodes on Mosquitto over loopback.
 
-Each simulated node is the node's real federation client (``edge_node.federation.
+Each simulated node is the node's real federation client (``edge_node.federate.client.
 FederationClient``) with its own ``PahoTransport`` connection (client id ``fedscan-node-<id>``,
 persistent session, last will) and its own state folder: it receives the retained global
-manifest, fetches and verifies the retained global chunks (``edge_node.model_sync``), counts
+manifest, fetches and verifies the retained global chunks (``edge_node.federate.model_sync``),
+counts
 its labels, "trains", then builds, stores in its outbox, signs-if-configured and publishes its
-update through the real upload path (``edge_node.update_sender.UpdateSender``: fp16 codec,
+update through the real upload path (``edge_node.federate.update_sender.UpdateSender``: fp16 codec,
 chunks of ``chunk_kib``, acks, resends on ``missing``). Only the compute is simulated
 (``SimCompute``): no torch, the local weights are the global ones plus small Gaussian noise
 (a real encoded delta of the cnn2d's 44 k parameters), the exported "ONNX" is a placeholder
@@ -43,7 +44,7 @@ QUIET_LOGGERS = ("edge_node", "fl_protocol", "paho")
 
 
 class SimCompute:
-    """The ``edge_node.local_compute.Compute`` of a simulated node: numpy only, no torch."""
+    """The ``edge_node.train.compute_service.Compute`` of a simulated node: numpy only, no torch."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -52,7 +53,7 @@ class SimCompute:
     def train(self, job: Any) -> Any:
         from safetensors.numpy import load_file, save_file
 
-        from edge_node.train_job import WEIGHTS_FILE, TrainResult
+        from edge_node.train.job import WEIGHTS_FILE, TrainResult
         from fl_protocol.metrics import classification_metrics
 
         weights = load_file(str(job.init_weights))
@@ -128,7 +129,7 @@ def logs_to(path: Path) -> Iterator[None]:
 
 def _client(folder: Path, node_id: str, url: str, seed: int, chunk_size: int) -> Any:
     from edge_node.config import config_from_dict
-    from edge_node.federation import FederationClient
+    from edge_node.federate.client import FederationClient
 
     raw = {
         "node_id": node_id,

@@ -2,7 +2,8 @@
 
 1. onnxruntime vs torch eager, same model (``export.zoo.create_model``, random init, exported
    with ``export.onnx_export.export_onnx``), same real CT slices (preprocessed by
-   ``edge_node.preprocess``), same thread count, batch 1 and 16, resnet18 and efficientnet_b0.
+   ``edge_node.ingest.preprocess``), same thread count, batch 1 and 16, resnet18 and
+   efficientnet_b0.
 2. File-to-stored-prediction latency through a real ``fedscan node run`` process serving
    efficientnet_b0: real 512x512 CT slices (new SOP UIDs) written into the inbox one by one;
    latency = ``predictions.created_at`` (stored by the node) - the moment the writer closed
@@ -67,7 +68,7 @@ def _sample(name: str, folder: Path | None) -> Path:
 
 def _slices(folder: Path | None) -> np.ndarray:
     """Every frame of the real CT samples, preprocessed like the node does: [N, 224, 224]."""
-    from edge_node.preprocess import PreprocessParams, prepare
+    from edge_node.ingest.preprocess import PreprocessParams, prepare
 
     frames = [
         f for name in CT_SAMPLES for f in prepare(_sample(name, folder), PreprocessParams()).frames
@@ -135,7 +136,7 @@ def _measure(model: Any, ort_model: Any, x: np.ndarray, args: argparse.Namespace
 def compare_runtimes(args: argparse.Namespace, work: Path, slices: np.ndarray) -> dict[str, Any]:
     import torch
 
-    from edge_node.inference import OnnxModel
+    from edge_node.serve.inference import OnnxModel
     from export.onnx_export import export_onnx
     from export.zoo import create_model
 
@@ -167,7 +168,7 @@ class _Node:
     """A real `fedscan node run` on ``folder`` serving ``model``; rows read from its SQLite."""
 
     def __init__(self, folder: Path, model: Path, threads: int) -> None:
-        from edge_node.cmd_daemon import init_node
+        from edge_node.cli.daemon import init_node
 
         toml = init_node(folder, force=True)
         text = toml.read_text().replace("intra_op_threads = 2", f"intra_op_threads = {threads}")
@@ -302,7 +303,10 @@ def import_cost() -> dict[str, float]:
     """Wall and CPU seconds of a fresh interpreter importing the whole inference path."""
     import resource
 
-    code = "import edge_node.daemon, edge_node.preprocess, edge_node.api, edge_node.cmd_daemon"
+    code = (
+        "import edge_node.daemon, edge_node.ingest.preprocess, edge_node.serve.api,"
+        " edge_node.cli.daemon"
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

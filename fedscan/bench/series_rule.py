@@ -50,7 +50,7 @@ def _train_probs(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Train cnn2d on train (best val loss kept); P(covid), labels, patients of val and test."""
     import torch
 
-    from edge_node.train_loop import (
+    from edge_node.train.loop import (
         class_weights,
         clone_state,
         predict_logits,

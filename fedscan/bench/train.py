@@ -7,11 +7,11 @@ throughput (images/s) at ``--threads`` (default 2) torch threads.
 
 Inputs are exactly what the edge node sees: each PNG/JPG is converted to grayscale the way
 ``fedscan dataset import`` does (``fedscan.dataset.image_to_gray``), turned into [0, 1] by the
-preprocessor's display path (``edge_node.preprocess.to_display``, what an 8-bit Secondary
-Capture gets) and resized by ``edge_node.preprocess.resize``. ``--dataset`` may also point at
+preprocessor's display path (``edge_node.ingest.preprocess.to_display``, what an 8-bit Secondary
+Capture gets) and resized by ``edge_node.ingest.preprocess.resize``. ``--dataset`` may also point at
 the output of ``fedscan dataset import`` (``index.csv`` + DICOM), read with
-``edge_node.preprocess.prepare``. The training step is the node's own
-(``edge_node.trainer.train_epoch``: augmentation, class-weighted cross-entropy, AdamW).
+``edge_node.ingest.preprocess.prepare``. The training step is the node's own
+(``edge_node.train.trainer.train_epoch``: augmentation, class-weighted cross-entropy, AdamW).
 
 Time budget (2 CPU cores, ~40 minutes for the six configurations): epochs are capped per
 architecture (``MAX_EPOCHS``: cnn2d 15, resnet18 6, efficientnet_b0 5, before early stopping)
@@ -156,7 +156,7 @@ def load_image(item: Item, kind: str, size: int = 224) -> np.ndarray:
     """One slice as the node's preprocessor gives it: float32 ``(size, size)`` in [0, 1]."""
     from pydicom.dataset import Dataset
 
-    from edge_node.preprocess import PreprocessParams, prepare, resize, to_display
+    from edge_node.ingest.preprocess import PreprocessParams, prepare, resize, to_display
     from fedscan.dataset import image_to_gray
 
     if kind == "dicom":
@@ -201,7 +201,7 @@ def load_prepared(path: Path) -> tuple[list[Item], dict[str, np.ndarray]]:
 def build_sets(
     items: list[Item], kind: str, texture: bool, cache: dict[str, np.ndarray] | None = None
 ) -> dict[str, Any]:
-    from edge_node.train_data import SampleSet
+    from edge_node.train.data import SampleSet
 
     sets: dict[str, SampleSet] = {}
     for split in SPLITS:
@@ -213,7 +213,7 @@ def build_sets(
         )[:, None]
         feats = None
         if texture:
-            from edge_node.texture import texture_features
+            from edge_node.ingest.texture import texture_features
 
             feats = np.stack([texture_features(img[0]) for img in images]).astype(np.float32)
         sets[split] = SampleSet(
@@ -244,8 +244,8 @@ def run_config(
 ) -> dict[str, Any]:
     import torch
 
-    from edge_node.texture import TEXTURE_DIM
-    from edge_node.train_loop import class_weights, clone_state, train_epoch, validate
+    from edge_node.ingest.texture import TEXTURE_DIM
+    from edge_node.train.loop import class_weights, clone_state, train_epoch, validate
     from export.zoo import create_model
 
     t_start = time.perf_counter()

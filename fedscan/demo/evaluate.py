@@ -1,9 +1,10 @@
 """Score the demo's models on the held-out test set: metrics, ROC curve, confusion matrix.
 
-The test slices are preprocessed by the node's own path (``edge_node.train_data`` over
-``edge_node.preprocess``), the models are the weights files the federation produced (the
+The test slices are preprocessed by the node's own path (``edge_node.train.data`` over
+``edge_node.ingest.preprocess``), the models are the weights files the federation produced (the
 coordinator's checkpoints, each hospital's local-only run), the decision is the argmax of the
-logits and the ROC score the softmax probability of covid, as in ``edge_node.trainer.evaluate``;
+logits and the ROC score the softmax probability of covid, as in
+``edge_node.train.trainer.evaluate``;
 calibration (ECE, reliability) and the metrics at each model's operating point fitted on
 validation data come with ``score_with_calibration``.
 """
@@ -16,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.preprocess import PreprocessParams
-from edge_node.train_data import SampleSet, load_labelled
+from edge_node.ingest.preprocess import PreprocessParams
+from edge_node.train.data import SampleSet, load_labelled
 from fedscan.dataset import IndexRow
 from fedscan.demo.errors import DemoError
 from fedscan.experiment.data import records
@@ -37,7 +38,7 @@ def load_test_set(rows: Sequence[IndexRow], base: Path, cache_dir: Path) -> Samp
 
 def covid_logits(weights: Path, samples: SampleSet) -> np.ndarray:
     """``[N, 2]`` logits of the model in ``weights``."""
-    from edge_node.train_loop import predict_logits
+    from edge_node.train.loop import predict_logits
     from export.weights import load_weights
 
     model = load_weights(weights)

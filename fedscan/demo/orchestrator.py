@@ -331,7 +331,7 @@ class Demo:
             )  # fmt: skip
             jobs.append((f"train-{node}", argv))
         children = run_to_end(sup, jobs, timeout_s=c.timeout_s)
-        from edge_node.train_job import WEIGHTS_FILE
+        from edge_node.train.job import WEIGHTS_FILE
 
         result: dict[str, Path] = {}
         for node, child in zip(self.nodes, children.values(), strict=True):

@@ -155,7 +155,7 @@ def local_operating_point(weights: Path) -> dict[str, Any] | None:
     """The operating point ``fedscan node train`` fitted on the hospital's own validation
     patients (``result.json`` beside the weights), or None."""
     from edge_node.errors import TrainingError
-    from edge_node.train_job import RESULT_FILE, TrainResult
+    from edge_node.train.job import RESULT_FILE, TrainResult
 
     try:
         return TrainResult.load(weights.parent / RESULT_FILE).operating_point
@@ -167,7 +167,7 @@ def validation_set(plan: DataPlan, cache: Path) -> Any:
     """Every hospital's local validation patients, split as its trainer splits them (salt =
     the federation id, the node's ``val_fraction``); None when there are none."""
     from edge_node.config import TrainingConfig
-    from edge_node.split import VAL, side_of
+    from edge_node.train.split import VAL, side_of
     from fedscan.demo.setup import FEDERATION
 
     fraction = TrainingConfig().val_fraction

@@ -1,6 +1,6 @@
 """The demo's folders and configuration files: one coordinator, one folder per hospital.
 
-Each node folder comes from ``fedscan node init`` (``edge_node.cmd_daemon.init_node``) and its
+Each node folder comes from ``fedscan node init`` (``edge_node.cli.daemon.init_node``) and its
 ``node.toml`` is then edited: federation on (the local broker's port), the API on a free port,
 one thread each (two cores for everything), the demo's training settings. The coordinator's
 file starts from ``coordinator.config.default_toml`` with the broker, model and rounds set.
@@ -101,7 +101,7 @@ def coordinator_toml(
 def node_toml(
     config: DemoConfig, folder: Path, node_id: str, broker_port: int, coordinator_key: Path
 ) -> Path:
-    from edge_node.cmd_daemon import init_node
+    from edge_node.cli.daemon import init_node
     from edge_node.config import load_config
 
     path = init_node(folder, node_id, force=True)

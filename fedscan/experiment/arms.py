@@ -8,7 +8,7 @@
   and the integration tests run;
 - centralized: one model on the pooled data of all hospitals for ``rounds x local_epochs``.
 
-Every training is ``edge_node.trainer.train_once`` on a label book, exactly as a node trains:
+Every training is ``edge_node.train.trainer.train_once`` on a label book, exactly as a node trains:
 patient-level local validation split (``val_fraction``, salted by the seed), class weighting,
 the paper's augmentation, AdamW, and the best epoch on local validation loss is kept (early
 stopping off, so every arm runs its whole budget).
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.strategy import create_strategy
-from edge_node.train_data import SampleSet
-from edge_node.train_job import TrainJob, TrainResult
-from edge_node.train_loop import predict_logits
-from edge_node.trainer import evaluate, evaluate_incoming, load_split, train_once
+from edge_node.train.data import SampleSet
+from edge_node.train.job import TrainJob, TrainResult
+from edge_node.train.loop import predict_logits
+from edge_node.train.trainer import evaluate, evaluate_incoming, load_split, train_once
 from export.net import FedscanNet
 from export.weights import load_numpy_state, load_weights, save_weights, state_to_numpy
 from fedscan.experiment.config import ExperimentConfig

@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_node.ingest.preprocess import PreprocessParams
 from edge_node.labels import LabelBook, LabelRecord
-from edge_node.preprocess import PreprocessParams
-from edge_node.train_data import SampleSet, load_labelled
+from edge_node.train.data import SampleSet, load_labelled
 from fedscan.dataset import IndexRow, import_dataset, read_index
 from fedscan.experiment.errors import ExperimentError
 

@@ -10,7 +10,7 @@ import numpy as np
 from coordinator.calibration import CalibrationBook
 from coordinator.reports import store_eval_report
 from coordinator.state import State
-from edge_node.update_sender import eval_report
+from edge_node.federate.update_sender import eval_report
 from fl_protocol.calibration import calibration_stats, combine, fit_operating_point
 from fl_protocol.metrics import classification_metrics
 from fl_protocol.schemas import EvalReport

@@ -20,7 +20,7 @@ from coordinator.config import CoordinatorConfig, ModelConfig, RoundsConfig
 from coordinator.model_init import torch_model_source
 from coordinator.onnx_artifact import export_global_onnx, torch_onnx_exporter
 from coordinator.service import CoordinatorService
-from edge_node.inference import OnnxModel
+from edge_node.serve.inference import OnnxModel
 from export.errors import ExportError
 from fl_protocol import topics
 from fl_protocol.chunking import Reassembler

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from edge_node.errors import LabelError
+from edge_node.ingest.preprocess import read_meta
 from edge_node.labels import LabelBook, normalize_label
-from edge_node.preprocess import read_meta
 from edge_node.store import FileRecord, PredictionRow, Store
-from tests.edge_node.train_helpers import write_slice
 from tests.helpers.dicom_factory import CT_SAMPLE, sample_path
+from tests.helpers.training import write_slice
 
 
 @pytest.fixture
@@ -192,8 +192,8 @@ def test_labelling_one_frame_labels_that_frame_only(tmp_path: Path, ct) -> None:
     sees frame 1 only; a whole-file label then a frame relabel splits the file's label (frame 0
     keeps it, with its author), a whole-file relabel joins it again; a frame past the end is
     refused, and frame 0 of a single-frame file is the file."""
-    from edge_node.preprocess import PreprocessParams
-    from edge_node.train_data import load_labelled
+    from edge_node.ingest.preprocess import PreprocessParams
+    from edge_node.train.data import load_labelled
 
     path, uid = _two_frames(tmp_path)
     book = LabelBook(tmp_path / "node.sqlite")
@@ -278,7 +278,7 @@ def test_cli_labels_one_frame_and_refuses_a_frame_past_the_end(
 ) -> None:
     """`fedscan node label --path F --frame 1`: one frame labelled; `--frame 5` on a two-frame
     file exits 5 with one line."""
-    from edge_node.cmd_daemon import init_node
+    from edge_node.cli.daemon import init_node
     from fedscan.cli import main
 
     toml = init_node(tmp_path / "n")

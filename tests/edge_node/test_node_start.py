@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_node.cmd_daemon import init_node
+from edge_node.cli.daemon import init_node
 from edge_node.config import NodeConfig, load_config
 from edge_node.daemon import Daemon
 from edge_node.errors import ConfigError

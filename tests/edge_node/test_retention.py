@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.cmd_daemon import init_node
+from edge_node.cli.daemon import init_node
 from edge_node.config import RetentionConfig, load_config
 from edge_node.daemon import Daemon
 from edge_node.errors import ConfigError

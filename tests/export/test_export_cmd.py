@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_node.texture import TEXTURE_DIM
+from edge_node.ingest.texture import TEXTURE_DIM
 from export.weights import save_weights
 from export.zoo import create_model, list_archs
 from fedscan import export_cmd

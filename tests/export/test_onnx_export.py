@@ -152,7 +152,7 @@ def test_int8_quantisation_runs_and_keeps_metadata(mode: str, tmp_path: Path) ->
 def test_operating_point_travels_in_the_metadata_to_the_node(tmp_path: Path) -> None:
     """An operating point fitted on validation statistics is written as fedscan.temperature /
     threshold / uncertain_band, and the node's OnnxModel reads and applies it."""
-    from edge_node.inference import OnnxModel
+    from edge_node.serve.inference import OnnxModel
     from fl_protocol.calibration import calibration_stats, fit_operating_point
 
     rng = np.random.default_rng(0)

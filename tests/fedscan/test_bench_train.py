@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_node.preprocess import prepare
+from edge_node.ingest.preprocess import prepare
 from fedscan.bench.train import discover, limit_items, load_image
 from fedscan.cli import main
 from fedscan.dataset import import_dataset

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from edge_node.preprocess import prepare, read_meta, resize
+from edge_node.ingest.preprocess import prepare, read_meta, resize
 from fedscan.cli import main as fedscan_main
 from fedscan.dataset import (
     INDEX_FIELDS,

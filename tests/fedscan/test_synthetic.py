@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_node.dicom_decode import decode_pixels, read_dataset
-from edge_node.preprocess import prepare, to_hu
+from edge_node.ingest.dicom_decode import decode_pixels, read_dataset
+from edge_node.ingest.preprocess import prepare, to_hu
 from fedscan.cli import main as fedscan_main
 from fedscan.dataset import INDEX_FIELDS, read_index
 from fedscan.errors import DatasetError

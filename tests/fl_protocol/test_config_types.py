@@ -87,7 +87,7 @@ def test_coordinator_toml_types_are_checked(
 
 def test_the_issue_example_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`port = "eighty"` in node.toml: `fedscan node run` exits 2 with that one line."""
-    from edge_node.cmd_daemon import init_node
+    from edge_node.cli.daemon import init_node
     from fedscan.cli import main
 
     toml = init_node(tmp_path / "n")

@@ -26,7 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
-from edge_node.dicom_decode import DEFLATED_IMAGE_FRAME
+from edge_node.ingest.dicom_decode import DEFLATED_IMAGE_FRAME
 from tests.helpers.dicom_factory import write_ct
 
 CHUNK = 16 << 20

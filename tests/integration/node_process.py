@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from edge_node.cmd_daemon import init_node
+from edge_node.cli.daemon import init_node
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -195,9 +195,9 @@ def test_read_only_model_dir_refuses_the_swap_and_the_old_model_serves(
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     from edge_node.config import config_from_dict
-    from edge_node.inference import ModelHolder
-    from edge_node.local_compute import InProcessCompute
-    from edge_node.model_sync import ModelSync
+    from edge_node.federate.model_sync import ModelSync
+    from edge_node.serve.inference import ModelHolder
+    from edge_node.train.compute_service import InProcessCompute
     from export.weights import state_to_numpy
     from export.zoo import create_model
 

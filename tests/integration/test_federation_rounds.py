@@ -34,11 +34,11 @@ from coordinator.config import load_config
 from coordinator.model_init import ensure_initial_version, torch_model_source
 from coordinator.service import read_broker_port
 from coordinator.state import State
-from edge_node.preprocess import patient_key
-from edge_node.split import VAL, side_of
+from edge_node.ingest.preprocess import patient_key
+from edge_node.train.split import VAL, side_of
 from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
-from tests.edge_node.train_helpers import write_slice
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
+from tests.helpers.training import write_slice
 from tests.integration.mosquitto import Mosquitto
 from tests.integration.node_process import NodeProcess
 

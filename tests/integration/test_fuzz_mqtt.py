@@ -12,7 +12,7 @@
   (retained), chunks and acks: it stays up, serves its model unchanged, and keeps predicting.
 
 (The node's federation client alone is fuzzed over MemoryTransport in
-tests/edge_node/test_federation.py.)
+tests/edge_node/federate/test_client.py.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_node.preprocess import prepare, read_meta
+from edge_node.ingest.preprocess import prepare, read_meta
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path, write_ct, write_garbage
 from tests.helpers.onnx_models import make_classifier
 from tests.integration.node_process import REPO, NodeProcess, wait_for
@@ -114,7 +114,7 @@ def test_malformed_uid_never_reaches_the_logs(
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            from edge_node.dicom_decode import quiet_pydicom
+            from edge_node.ingest.dicom_decode import quiet_pydicom
 
             quiet_pydicom()  # catch_warnings reset the filters it installed at import
             assert read_meta(path).sop_instance_uid == BAD_UID

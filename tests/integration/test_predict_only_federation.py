@@ -29,7 +29,7 @@ import torch
 from coordinator.config import BrokerConfig, CoordinatorConfig, ModelConfig, RoundsConfig
 from coordinator.onnx_artifact import torch_onnx_exporter
 from coordinator.service import CoordinatorService, mqtt_settings
-from edge_node.inference import OnnxModel
+from edge_node.serve.inference import OnnxModel
 from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode

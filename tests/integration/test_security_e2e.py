@@ -20,7 +20,8 @@ One federation, one broker and one run per module, in this order:
    refuses both and keeps predicting with version 1.
 
 Tampered global chunks are refused at the MemoryTransport level in
-tests/edge_node/test_model_sync.py; here the attacker has no valid manifest to attach them to.
+tests/edge_node/federate/test_model_sync.py; here the attacker has no valid manifest to attach
+them to.
 """
 
 from __future__ import annotations

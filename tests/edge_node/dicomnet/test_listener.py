@@ -13,7 +13,7 @@ from pynetdicom import AE
 
 from edge_node.config import DicomListenerConfig
 from edge_node.dicomnet.listener import STAGING, Listener, uid_hash
-from edge_node.metrics import DicomStats
+from edge_node.serve.stats import DicomStats
 from fedscan.bench.dicom_peers import dcmtk, dcmtk_available, echo
 from tests.helpers.dicom_factory import sample_path, series_from, write_series
 

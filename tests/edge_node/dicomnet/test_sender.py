@@ -13,7 +13,7 @@ import pytest
 from edge_node.config import DicomSendConfig
 from edge_node.dicomnet.outbox import Outbox
 from edge_node.dicomnet.sender import Sender
-from edge_node.metrics import DicomStats
+from edge_node.serve.stats import DicomStats
 from fedscan.bench.dicom_peers import DcmtkStoreScp, RecordingScp, dcmtk_available, free_port
 from tests.helpers.dicom_factory import sample_path, series_from, write_secondary_capture
 

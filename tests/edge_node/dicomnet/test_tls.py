@@ -15,7 +15,7 @@ from edge_node.config import DicomListenerConfig, DicomSendConfig
 from edge_node.dicomnet.listener import Listener
 from edge_node.dicomnet.outbox import Outbox
 from edge_node.dicomnet.sender import Sender
-from edge_node.metrics import DicomStats
+from edge_node.serve.stats import DicomStats
 from fedscan.provision.ca import CertificateAuthority, cert_pem, key_pem
 from tests.helpers.dicom_factory import write_secondary_capture
 

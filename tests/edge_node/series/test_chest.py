@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from edge_node.errors import SkippedInput
-from edge_node.preprocess import PreprocessParams, prepare
+from edge_node.ingest.preprocess import PreprocessParams, prepare
 from edge_node.series.chest import ChestPolicy, header_reason, lung_air_fraction
 from tests.helpers.dicom_factory import ct_phantom, sample_path, write_ct
 
