@@ -37,7 +37,7 @@ fmt: venv
 	$(UV) run --frozen ruff check --fix $(SRC)
 
 bench: venv
-	$(UV) run --frozen fedscan bench inference --json bench-out/inference.json
+	$(UV) run --frozen fedscan bench inference --samples tests/fixtures/dicom --json bench-out/inference.json
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo-out bench-out

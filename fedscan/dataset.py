@@ -17,8 +17,7 @@ Layouts of the source folder:
 Output: ``OUT/<split>/<label>/<name>.dcm`` and ``OUT/index.csv`` with the columns
 `INDEX_FIELDS`: the DICOM path relative to OUT, split, label (``covid`` / ``non_covid``),
 patient_key (sha256 of the PatientID written, as edge_node.ingest.preprocess computes it), the
-source
-file relative to SRC, and the SOPInstanceUID.
+source file relative to SRC, and the SOPInstanceUID.
 
 Each DICOM file: Secondary Capture Image Storage, Modality CT (so the default allow-list takes
 it), 8-bit MONOCHROME2 without rescale (the preprocessor's display path), grayscale by Rec. 601

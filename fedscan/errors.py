@@ -5,6 +5,7 @@ FedscanError            exit 1
 ├── DatasetError        exit 10  a dataset folder is missing or has an unknown layout
 ├── ProvisionError      exit 11  certificates / kits cannot be created or changed
 ├── BenchError          exit 14  a benchmark cannot run (missing data, missing extra)
+│   └── MosquittoNotFound        (fedscan.brokers.mosquitto) no mosquitto binary
 ├── DemoError           exit 15  (fedscan.demo.errors) the demo failed
 └── ExperimentError     exit 16  (fedscan.experiment.errors) the experiment failed
 

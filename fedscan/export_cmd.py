@@ -10,7 +10,7 @@ fresh classifier). After export, the ONNX file is run with onnxruntime on real C
 (preprocessed with ``edge_node.ingest.preprocess.prepare``, texture features with
 ``edge_node.ingest.texture``) at batch 1 and batch 8 and compared to torch eval; the max abs logit
 difference of each is printed and a difference beyond tolerance fails the command (exit 13).
-Default slices: the real CT samples in tests/fixtures/dicom or ../shared/data/dicom-samples.
+Default slices: the real CT samples of ``fedscan.samples`` in ``$FEDSCAN_SAMPLES``.
 With fewer than 8 distinct slices, batch 8 adds their mirror images and then repeats.
 
 Torch is imported only when the command runs, so ``fedscan --help`` stays light.
@@ -28,23 +28,11 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError
+from fedscan.samples import CT_SAMPLES, find_samples, missing
 
 log = logging.getLogger(__name__)
 
 ARCHS: tuple[str, ...] = ("cnn2d", "efficientnet_b0", "resnet18")  # = export.zoo.list_archs()
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DIRS = (
-    REPO_ROOT / "tests" / "fixtures" / "dicom",
-    REPO_ROOT.parent / "shared" / "data" / "dicom-samples",
-)
-# real CT slices from pydicom-data (MIT): plain, JPEG 2000, Enhanced CT with 2 frames
-DEFAULT_SLICES = (
-    "693_UNCR.dcm",
-    "693_J2KR.dcm",
-    "693_UNCI.dcm",
-    "eCT_Supplemental.dcm",
-    "explicit_VR-UN.dcm",
-)
 PARITY_BATCHES = (1, 8)
 
 
@@ -66,7 +54,8 @@ def add_parser(sub: Any) -> None:
         type=Path,
         nargs="+",
         metavar="DIR_OR_FILE",
-        help="DICOM files or folders for the parity check (default: real CT samples)",
+        help="DICOM files or folders for the parity check (default: the CT samples in "
+        "$FEDSCAN_SAMPLES)",
     )
     p.add_argument("--window-center", type=float, default=-600.0, help="lung window level (HU)")
     p.add_argument("--window-width", type=float, default=1500.0, help="lung window width (HU)")
@@ -128,11 +117,9 @@ def _slice_files(paths: list[Path] | None) -> list[Path]:
             else:
                 raise ExportError(f"--parity-slices: no such file or folder: {p}")
         return files
-    found: list[Path] = []
-    for name in DEFAULT_SLICES:
-        hit = next((d / name for d in SAMPLE_DIRS if (d / name).is_file()), None)
-        if hit is not None:
-            found.append(hit)
+    found = find_samples(CT_SAMPLES)
+    if not found:
+        raise ExportError(f"parity check: {missing('--parity-slices', CT_SAMPLES)}")
     return found
 
 

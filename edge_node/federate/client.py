@@ -20,8 +20,7 @@ does everything else in order (``step()`` / ``tick()``; tests drive them directl
 Without the ``train`` extra (no torch: the predict-only install) the node cannot export or
 train: it follows the global model through the coordinator's ONNX export of each version
 (``fl/F/global/V/onnx/i``, see ``edge_node.federate.model_sync``), reports the ``predict`` and
-``sync``
-capabilities, and never trains, evaluates or sends an update.
+``sync`` capabilities, and never trains, evaluates or sends an update.
 """
 
 from __future__ import annotations

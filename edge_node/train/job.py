@@ -2,8 +2,7 @@
 
 Torch-free and JSON-serialisable: the daemon and ``fedscan node train`` build a job, hand it to
 the low-priority worker subprocess (``python -m edge_node.train.job_subprocess job.json``) and
-read the
-result back, without importing torch themselves.
+read the result back, without importing torch themselves.
 """
 
 from __future__ import annotations

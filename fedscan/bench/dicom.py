@@ -34,9 +34,10 @@ from typing import Any
 
 from fedscan.bench.dicom_peers import DcmtkStoreScp, RecordingScp, dcmtk, dcmtk_available
 from fedscan.errors import BenchError
+from fedscan.samples import find_samples, missing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SAMPLE = REPO_ROOT / "tests" / "fixtures" / "dicom" / "693_UNCR.dcm"
+SAMPLE = "693_UNCR.dcm"  # the real CT slice every series is made of
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage SOP class
 PDU = 131072  # both receivers announce DCMTK's largest PDU
 
@@ -52,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slices", type=int, default=300, help="slices in the series (default 300)")
     p.add_argument("--repeats", type=int, default=3, help="throughput runs per receiver")
     p.add_argument("--quiet-time", type=float, default=10.0, help="[series] quiet_time_s")
-    p.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE, help="the real CT slice")
+    p.add_argument(
+        "--sample", type=Path, help=f"the real CT slice (default: {SAMPLE} in $FEDSCAN_SAMPLES)"
+    )
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the node")
     p.add_argument("--work-dir", type=Path, help="keep series/node here (default: a temp dir)")
     p.add_argument("--skip-node", action="store_true", help="only the receive throughput")
@@ -317,6 +320,11 @@ def _versions() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     if not dcmtk_available():
         raise BenchError("DCMTK (storescu, storescp, echoscu) is needed: apt-get install dcmtk")
+    if args.sample is None:
+        found = find_samples((SAMPLE,))
+        if not found:
+            raise BenchError(missing("--sample", (SAMPLE,)))
+        args.sample = found[0]
     if not args.sample.is_file():
         raise BenchError(f"sample slice not found: {args.sample}")
     with tempfile.TemporaryDirectory(prefix="fedscan-bench-dicom-") as tmp:

@@ -5,8 +5,7 @@ Three simulated hospitals (patient-disjoint shares of the UCSD COVID-CT training
 rounds: each trains ``--epochs`` node-style epochs from the global model
 (``fed_accuracy.local_update``: the node's AdamW, class weights, augmentation), its delta goes
 through ``edge_node.federate.privacy.privatize`` exactly as ``UpdateSender`` applies it (global
-L2 clip
-to C, then N(0, (z C)^2) per element), is fp32-encoded and decoded, and the coordinator's
+L2 clip to C, then N(0, (z C)^2) per element), is fp32-encoded and decoded, and the coordinator's
 ``fedavg`` strategy folds the three. Every arm starts from the same random global model with
 the same seeds, so round 1's local training is shared and the arms differ only by the
 privatization. C defaults to the median L2 norm of the round-1 deltas (clipping then bites

@@ -1,12 +1,11 @@
 """Part 1: the bytes one node publishes per round, for every codec, on real weight deltas.
 
 A delta is what a node really sends: a random-init model (``export.zoo.create_model``) takes a
-few training steps exactly as the node trains (``edge_node.train.trainer.train_epoch``: AdamW, the
-paper's augmentation, class-weighted cross-entropy) on real CT slices (the pydicom-data CT
-samples in ``tests/fixtures/dicom``, preprocessed by ``edge_node.ingest.preprocess.prepare``), and
+few training steps exactly as the node trains (``edge_node.train.trainer.train_epoch``: AdamW,
+the paper's augmentation, class-weighted cross-entropy) on real CT slices (the pydicom-data CT
+samples in ``$FEDSCAN_SAMPLES``, preprocessed by ``edge_node.ingest.preprocess.prepare``), and
 ``edge_node.federate.update_sender.compute_delta`` takes local - global. Each codec then goes
-through
-the node's publishing path: ``fl_protocol.codecs.encode`` (all tensors, or only the tensors
+through the node's publishing path: ``fl_protocol.codecs.encode`` (all tensors, or only the tensors
 ``head`` mode trains), ``fl_protocol.chunking.split`` (1 MiB chunks) and a signed
 ``UpdateManifest``. Counted: the manifest JSON plus every chunk, i.e. the MQTT payloads the
 node publishes for its update; ``mqtt_bytes`` adds the MQTT 3.1.1 PUBLISH framing and topics
@@ -22,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from fedscan.bench.fed_common import FEDERATION, REPO_ROOT
+from fedscan.bench.fed_common import FEDERATION
+from fedscan.samples import find_samples
 
-FIXTURES = REPO_ROOT / "tests" / "fixtures" / "dicom"
 CT_SAMPLES = ("693_UNCR.dcm", "693_J2KR.dcm", "eCT_Supplemental.dcm")
 CODECS = ("fp32", "fp16", "int8", "int8_channel")
 NODE = "hospital-01"
@@ -35,14 +34,10 @@ def ct_slices(n: int, work: Path) -> tuple[np.ndarray, str]:
     """``n`` real CT frames [n, 1, 224, 224] (repeated when fewer exist) and where from."""
     from edge_node.ingest.preprocess import PreprocessParams, prepare
 
-    frames = [
-        f
-        for name in CT_SAMPLES
-        if (FIXTURES / name).is_file()
-        for f in prepare(FIXTURES / name, PreprocessParams()).frames
-    ]
-    source = f"real CT: {', '.join(n for n in CT_SAMPLES if (FIXTURES / n).is_file())}"
-    if not frames:  # a tree without the fixtures: synthetic CT through the same preprocessor
+    files = find_samples(CT_SAMPLES)
+    frames = [f for path in files for f in prepare(path, PreprocessParams()).frames]
+    source = f"real CT: {', '.join(p.name for p in files)}"
+    if not frames:  # no $FEDSCAN_SAMPLES: synthetic CT through the same preprocessor
         from fedscan.dataset import read_index
         from fedscan.synthetic import generate
 

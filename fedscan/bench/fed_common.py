@@ -1,8 +1,7 @@
 """Shared pieces of `fedscan bench federation`: machine facts, Mosquitto, the coordinator process.
 
-The broker parts use the real Mosquitto harness of the integration tests
-(``tests/integration/mosquitto.py``, usable outside pytest), so they run from the source tree;
-anything missing (the binary, the harness) turns into a skip reason instead of an error.
+The broker parts use the real Mosquitto harness (``fedscan.brokers.mosquitto``, shared with the
+integration tests); a missing binary turns into a skip reason instead of an error.
 The coordinator runs as a real ``fedscan coordinator run`` process; its version 0 is made here
 with the real model zoo (as the integration tests do), so the process itself needs no torch.
 """
@@ -14,7 +13,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fedscan.brokers.mosquitto import Mosquitto, MosquittoNotFound, mosquitto_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FEDERATION = "bench"
@@ -79,35 +79,13 @@ def raise_open_files_limit(want: int = 4096) -> list[int]:
 # -- Mosquitto -----------------------------------------------------------------------------------
 
 
-def mosquitto_binary(override: str | None = None) -> str | None:
-    if override:
-        return override if Path(override).is_file() else None
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-
-
-def start_mosquitto(workdir: Path, binary: str | None) -> Any:
-    """A started ``tests.integration.mosquitto.Mosquitto`` (dev config, free loopback port);
-    PartSkipped when the binary or the harness is missing."""
-    found = mosquitto_binary(binary)
-    if found is None:
-        where = binary or "PATH and /usr/sbin"
-        raise PartSkipped(f"mosquitto not found ({where}); apt-get install mosquitto")
+def start_mosquitto(workdir: Path, binary: str | None) -> Mosquitto:
+    """A started Mosquitto (dev config, free loopback port); PartSkipped when the binary is
+    missing or the broker does not start."""
     try:
-        import pytest
-
-        from tests.integration.mosquitto import Mosquitto
-    except ImportError as exc:
-        raise PartSkipped(
-            f"the Mosquitto harness (tests/integration/mosquitto.py) is not importable: {exc}; "
-            "run the benchmark from the source tree"
-        ) from None
-    try:
-        broker = Mosquitto(workdir)
-    except pytest.skip.Exception as exc:  # the harness found no system binary of its own
-        raise PartSkipped(f"mosquitto: {exc}") from None
-    broker.binary = found
+        broker = Mosquitto(workdir, binary=binary)
+    except MosquittoNotFound as exc:
+        raise PartSkipped(str(exc)) from None
     try:
         return broker.start()
     except RuntimeError as exc:

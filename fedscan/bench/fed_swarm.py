@@ -2,16 +2,15 @@
 
 Each simulated node is the node's real federation client (``edge_node.federate.client.
 FederationClient``) with its own ``PahoTransport`` connection (client id ``fedscan-node-<id>``,
-persistent session, last will) and its own state folder: it receives the retained global
-manifest, fetches and verifies the retained global chunks (``edge_node.federate.model_sync``),
-counts
-its labels, "trains", then builds, stores in its outbox, signs-if-configured and publishes its
-update through the real upload path (``edge_node.federate.update_sender.UpdateSender``: fp16 codec,
-chunks of ``chunk_kib``, acks, resends on ``missing``). Only the compute is simulated
-(``SimCompute``): no torch, the local weights are the global ones plus small Gaussian noise
-(a real encoded delta of the cnn2d's 44 k parameters), the exported "ONNX" is a placeholder
-file, and the training metrics are made up. The coordinator is a real `fedscan coordinator
-run` process expecting every node (round closes as soon as all reported, quorum half).
+persistent session, last will) and its own state folder: it receives the retained global manifest,
+fetches and verifies the retained global chunks (``edge_node.federate.model_sync``), counts its
+labels, "trains", then builds, stores in its outbox, signs-if-configured and publishes its update
+through the real upload path (``edge_node.federate.update_sender.UpdateSender``: fp16 codec, chunks
+of ``chunk_kib``, acks, resends on ``missing``). Only the compute is simulated (``SimCompute``): no
+torch, the local weights are the global ones plus small Gaussian noise (a real encoded delta of the
+cnn2d's 44 k parameters), the exported "ONNX" is a placeholder file, and the training metrics are
+made up. The coordinator is a real `fedscan coordinator run` process expecting every node (round
+closes as soon as all reported, quorum half).
 
 ``nodes_completed`` = updates accepted AND counted in the new global version (coordinator
 SQLite, ``counted_in_aggregate``); ``round_wall_s`` = its ``closed_at - opened_at``.

@@ -35,12 +35,9 @@ from typing import Any
 import numpy as np
 
 from fedscan.errors import BenchError
+from fedscan.samples import find_samples, missing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIRS = (
-    REPO_ROOT / "tests" / "fixtures" / "dicom",
-    REPO_ROOT.parent / "shared" / "data" / "dicom-samples",
-)
 CT_SAMPLES = ("693_UNCR.dcm", "693_J2KR.dcm", "693_UNCI.dcm", "eCT_Supplemental.dcm")
 LATENCY_SOURCE = "693_UNCR.dcm"  # real 512x512 CT slice, uncompressed
 ARCHS = ("resnet18", "efficientnet_b0")
@@ -54,16 +51,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="timed run per runtime/config")
     p.add_argument("--latency-files", type=int, default=40, help="slices dropped one by one")
     p.add_argument("--series-files", type=int, default=300, help="slices in the series folder")
-    p.add_argument("--samples", type=Path, help="folder with the pydicom-data CT samples")
+    p.add_argument(
+        "--samples",
+        type=Path,
+        help="folder with the pydicom-data CT samples (default: $FEDSCAN_SAMPLES)",
+    )
     p.add_argument("--work-dir", type=Path, help="keep models/node here (default: a temp dir)")
     p.add_argument("--skip-node", action="store_true", help="only onnxruntime vs torch")
 
 
 def _sample(name: str, folder: Path | None) -> Path:
-    for d in (folder,) if folder else SAMPLE_DIRS:
-        if d is not None and (d / name).is_file():
-            return d / name
-    raise BenchError(f"CT sample {name} not found in {folder or [str(d) for d in SAMPLE_DIRS]}")
+    found = find_samples((name,), folder)
+    if not found:
+        raise BenchError(missing("--samples", (name,), folder))
+    return found[0]
 
 
 def _slices(folder: Path | None) -> np.ndarray:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from fedscan.bench.fed_common import mosquitto_binary
 from fedscan.bench.federation import targets
+from fedscan.brokers.mosquitto import mosquitto_binary
 from fedscan.cli import main
 
 

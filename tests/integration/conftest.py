@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.mosquitto import Mosquitto
+from fedscan.brokers.mosquitto import Mosquitto
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from fedscan.brokers.mosquitto import Mosquitto
 from fedscan.provision import BROKER, KIT, provision, revoke_node
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.tls_broker import start_broker
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ from coordinator.config import load_config
 from coordinator.model_init import ensure_initial_version
 from coordinator.service import read_broker_port
 from coordinator.state import State
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode, NodeThread, tiny_source
-from tests.integration.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.integration
 

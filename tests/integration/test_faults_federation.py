@@ -35,12 +35,12 @@ import numpy as np
 import pytest
 
 from coordinator.state import State
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.errors import TransportError
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.conftest import ReliabilityProfile
 from tests.coordinator.fakes import FakeNode, NodeThread
 from tests.integration.fault_helpers import REPO
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.test_coordinator_rounds import (
     FEDERATION,
     accepted,

@@ -25,6 +25,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge_node.labels import LABELS
+from fedscan.brokers.mosquitto import Mosquitto
 from tests.conftest import ReliabilityProfile
 from tests.helpers.dicom_factory import write_ct
 from tests.helpers.onnx_models import make_classifier
@@ -37,7 +38,6 @@ from tests.integration.fault_helpers import (
     one_prediction_per_slice,
     query,
 )
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.node_process import NodeProcess, wait_for
 
 pytestmark = pytest.mark.integration

@@ -36,10 +36,10 @@ from coordinator.service import read_broker_port
 from coordinator.state import State
 from edge_node.ingest.preprocess import patient_key
 from edge_node.train.split import VAL, side_of
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
 from tests.helpers.training import write_slice
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration

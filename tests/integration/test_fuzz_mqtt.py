@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.chunking import split
 from fl_protocol.schemas import EvalReport, NodeStatus, UpdateManifest
 from fl_protocol.signing import generate_keypair, save_public_key
@@ -36,7 +37,6 @@ from tests.coordinator.fakes import FakeNode, NodeThread, make_delta
 from tests.coordinator.test_rounds import World
 from tests.helpers.dicom_factory import write_ct
 from tests.helpers.onnx_models import make_classifier
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.node_process import NodeProcess, wait_for
 from tests.integration.test_coordinator_rounds import (
     FEDERATION,

@@ -9,12 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol import topics
 from fl_protocol.chunking import Reassembler, split
 from fl_protocol.schemas import PayloadManifest
 from fl_protocol.transport import MqttSettings, PahoTransport
 from fl_protocol.transport_base import Message
-from tests.integration.mosquitto import Mosquitto
 
 FED, ROUND, NODE = "big", 1, "a"
 SIZE = 12 * 1024 * 1024 + 12345  # > 10 MB, not a multiple of the chunk size

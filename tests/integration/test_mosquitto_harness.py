@@ -6,7 +6,7 @@ import threading
 
 import paho.mqtt.client as mqtt
 
-from tests.integration.mosquitto import Mosquitto
+from fedscan.brokers.mosquitto import Mosquitto
 
 
 def test_retained_message_roundtrip(mosquitto: Mosquitto) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from coordinator.state import State
 from coordinator.strategy_utils import is_counter, l2_norm
+from fedscan.brokers.mosquitto import Mosquitto
 from tests.coordinator.fakes import tiny_weights
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.test_coordinator_rounds import (
     make_nodes,
     seed_state,

@@ -30,11 +30,11 @@ from coordinator.config import BrokerConfig, CoordinatorConfig, ModelConfig, Rou
 from coordinator.onnx_artifact import torch_onnx_exporter
 from coordinator.service import CoordinatorService, mqtt_settings
 from edge_node.serve.inference import OnnxModel
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
-from tests.integration.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -40,6 +40,7 @@ import pytest
 from coordinator.config import load_config
 from coordinator.model_init import ensure_initial_version, torch_model_source
 from coordinator.state import State
+from fedscan.brokers.mosquitto import Mosquitto, free_port
 from fedscan.provision import BROKER, provision
 from fl_protocol import topics
 from fl_protocol.chunking import split
@@ -47,7 +48,6 @@ from fl_protocol.codecs import encode
 from fl_protocol.schemas import Ack, GlobalManifest, UpdateManifest
 from fl_protocol.signing import generate_keypair, sign_manifest
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
-from tests.integration.mosquitto import Mosquitto, free_port
 from tests.integration.test_broker_security import Peer, connect, is_accepted, tls_context
 from tests.integration.test_federation_rounds import (
     FEDERATION,

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.errors import TransportError
 from fl_protocol.transport import MqttSettings, PahoTransport
-from tests.integration.mosquitto import Mosquitto
 from tests.integration.transport_scenarios import SCENARIOS, BrokerLike, Inbox
 
 pytestmark = pytest.mark.integration

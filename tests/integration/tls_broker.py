@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedscan.brokers.mosquitto import Mosquitto
 from fedscan.provision import BROKER
-from tests.integration.mosquitto import Mosquitto
 
 
 def start_broker(prov: Path, workdir: Path, port: int | None = None) -> Mosquitto:

@@ -1,6 +1,5 @@
 """Every real sample in pydicom-data through edge_node.ingest.preprocess, and lossless variants of
-the
-same image decoding to the same values (pixels, HU and prepared frames).
+the same image decoding to the same values (pixels, HU and prepared frames).
 
 Small samples live in tests/fixtures/dicom (MIT, licence beside them); large ones are read from
 ../shared/data/dicom-samples and the test is skipped, saying so, when that folder is absent.

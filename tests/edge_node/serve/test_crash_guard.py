@@ -1,8 +1,7 @@
 """A file that kills the process while it is decoded must not crash-loop the node.
 
 Layer 1 (edge_node.ingest.dicom_decode.check_jpeg_frames): a JPEG Lossless / JPEG-LS frame header
-that
-disagrees with the DICOM header is refused before python-gdcm, which aborts on some of them.
+that disagrees with the DICOM header is refused before python-gdcm, which aborts on some of them.
 Layer 2 (Pipeline decoding markers + recover_crashed): should a decoder still abort, the next
 start quarantines the file (reason ``crashed_decoder``) instead of decoding it again. The abort
 here is real: layer 1 is switched off in a forked child and gdcm gets a file it aborts on.

@@ -1,4 +1,4 @@
-"""Start a real Mosquitto process for a test, on a free loopback port, with a given config.
+"""Start a real Mosquitto process on a free loopback port, with a given config.
 
 Usage::
 
@@ -7,7 +7,9 @@ Usage::
 
 The config file is copied and a ``listener`` line for the chosen port is appended unless
 ``listener_block`` is given (TLS configs pass their own listener block with ``{port}``).
-Tests that need Mosquitto skip with a clear message when the binary is absent.
+Used by the integration tests and by ``fedscan bench federation``. Without the binary the
+constructor raises :class:`MosquittoNotFound` (the test suite turns it into a skip, the
+benchmark into a skipped part).
 """
 
 from __future__ import annotations
@@ -16,25 +18,35 @@ import shutil
 import socket
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
-import pytest
+from fedscan.errors import BenchError
 
-REPO = Path(__file__).resolve().parents[2]
-BROKER_CONFIG = REPO / "broker_config"
+DEV_CONFIG = Path(str(resources.files("broker_config") / "dev.conf"))
 
 
-def mosquitto_binary() -> str | None:
+class MosquittoNotFound(BenchError):
+    """No mosquitto binary where it was looked for."""
+
+
+def mosquitto_binary(override: str | None = None) -> str | None:
+    """``override`` when it is a file, else mosquitto on PATH or in /usr/sbin, else None."""
+    if override:
+        return override if Path(override).is_file() else None
     return shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
 
 
-def require_mosquitto() -> str:
-    binary = mosquitto_binary()
+def require_mosquitto(override: str | None = None) -> str:
+    binary = mosquitto_binary(override)
     if binary is None:
-        pytest.skip("mosquitto not installed (apt-get install mosquitto; .ci/run does this)")
+        where = override or "PATH and /usr/sbin"
+        raise MosquittoNotFound(
+            f"mosquitto not found ({where}): apt-get install mosquitto (.ci/run does this)"
+        )
     return binary
 
 
@@ -54,12 +66,13 @@ class Mosquitto:
         listener_block: str | None = None,
         port: int | None = None,
         extra: str = "",
+        binary: str | None = None,
     ) -> None:
-        self.binary = require_mosquitto()
+        self.binary = require_mosquitto(binary)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        base = (config or BROKER_CONFIG / "dev.conf").read_text()
+        base = (config or DEV_CONFIG).read_text()
         listener = (
             listener_block.format(port=self.port)
             if listener_block
