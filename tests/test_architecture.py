@@ -86,3 +86,27 @@ def test_daemons_talk_only_through_fl_protocol(package: str, forbidden: set[str]
         if name.split(".")[0] in forbidden
     ]
     assert offenders == []
+
+
+# sub-package -> the edge_node parts it must not import (the data flow goes one way: ingest ->
+# serve -> daemon; train and federate sit beside serve; only the CLI starts the daemon).
+LAYERS = {
+    "ingest": {"serve", "train", "federate", "cli", "daemon"},
+    "serve": {"train", "cli", "daemon"},
+    "train": {"serve", "cli", "daemon"},
+    "federate": {"cli", "daemon"},
+}
+
+
+@pytest.mark.parametrize("sub", sorted(LAYERS))
+def test_edge_node_layers_import_one_way(sub: str) -> None:
+    """edge_node.<sub> imports none of the parts downstream of it (no cycles: the API takes a
+    NodeView, not the daemon)."""
+    forbidden = {f"edge_node.{part}" for part in LAYERS[sub]}
+    offenders = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in _modules(f"edge_node/{sub}")
+        for name in sorted(_imports(path))
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
+    assert offenders == []

@@ -58,7 +58,7 @@ from edge_node.serve.pipeline import DUPLICATE, model_key
 from edge_node.serve.stats import render_metrics
 
 if TYPE_CHECKING:
-    from edge_node.daemon import Daemon
+    from edge_node.serve.node_view import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def _with_thumb(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class NodeApi:
-    """Route handlers over a running ``Daemon``'s parts."""
+    """Route handlers over a running node's parts (a ``NodeView``)."""
 
-    def __init__(self, node: Daemon) -> None:
+    def __init__(self, node: NodeView) -> None:
         self.node = node
         self.token = node.config.api.token
         self.thumbs = node.config.paths.state_dir / "thumbnails"
@@ -379,7 +379,7 @@ class NodeApi:
 class ApiServer:
     """uvicorn in a background thread, on a socket bound before start (port 0 = free port)."""
 
-    def __init__(self, node: Daemon) -> None:
+    def __init__(self, node: NodeView) -> None:
         cfg = node.config.api
         self.host, self.port = cfg.host, cfg.port
         self.app = NodeApi(node).app()

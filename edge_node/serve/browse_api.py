@@ -37,8 +37,8 @@ from edge_node.serve.pipeline import model_key
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-    from edge_node.daemon import Daemon
     from edge_node.serve.inference import OnnxModel
+    from edge_node.serve.node_view import NodeView
 
 STATIC = Path(__file__).with_name("static")
 IMAGE_MIN_PX, IMAGE_MAX_PX, IMAGE_DEFAULT_PX = 64, 1024, 512
@@ -92,9 +92,9 @@ def banner_html(status: dict[str, Any]) -> str:
 
 
 class BrowseRoutes:
-    """The page's handlers over a running ``Daemon``."""
+    """The page's handlers over a running node (a ``NodeView``)."""
 
-    def __init__(self, node: Daemon) -> None:
+    def __init__(self, node: NodeView) -> None:
         self.node = node
         self._page = string.Template((STATIC / "index.html").read_text())
 
