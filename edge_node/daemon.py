@@ -169,7 +169,7 @@ class Daemon:
             slices_per_run=config.inference.batch_size,
             batch_wait_ms=config.watcher.batch_wait_ms,
             stats=self.stats,
-            decoding_dir=paths.state_dir / "decoding",  # crash-loop guard (see Pipeline)
+            decoding_dir=paths.state_dir / "decoding",  # crash-loop guard (serve/crash_guard.py)
             chest=_chest_policy(config),  # [series] chest_only: skip head, abdomen, scouts
         )
         # A file the previous process died decoding (a native decoder abort) is quarantined

@@ -57,10 +57,9 @@ def _emit(entry: _Entry, as_json: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edge_node.config import PreprocessConfig
-    from edge_node.ingest.preprocess import PreprocessParams, prepare
+    from edge_node.ingest.preprocess import PreprocessParams, model_key, prepare
     from edge_node.ingest.watcher import iter_candidates
     from edge_node.serve.inference import OnnxModel
-    from edge_node.serve.pipeline import model_key
 
     model = OnnxModel(Path(args.model), intra_op_threads=args.threads)  # ModelError -> exit 3
     wc, ww, size, _tex = model_key(model, PreprocessConfig())

@@ -32,12 +32,13 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from edge_node.config import PreprocessConfig
 from edge_node.errors import ConfigError, NotDicomError, SkippedInput
 from edge_node.ingest.dicom_decode import (
     _PARSE_ERRORS,
@@ -80,6 +81,39 @@ __all__ = [
 
 SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 ANY_MODALITY = "*"
+
+
+# (window center, window width, size, texture) a model expects: one parameter set per model
+PreprocessKey = tuple[float, float, int, str]
+
+
+class ModelInput(Protocol):
+    """What preprocessing needs to know of a model (``edge_node.serve.inference.ModelInfo``)."""
+
+    @property
+    def window_center(self) -> float | None: ...
+
+    @property
+    def window_width(self) -> float | None: ...
+
+    @property
+    def input_size(self) -> int: ...
+
+    @property
+    def texture(self) -> str: ...
+
+
+class HasModelInput(Protocol):
+    @property
+    def info(self) -> ModelInput: ...
+
+
+def model_key(model: HasModelInput, config: PreprocessConfig) -> PreprocessKey:
+    """Preprocessing that ``model`` expects: its own window when its metadata has one."""
+    info = model.info
+    wc = info.window_center if info.window_center is not None else config.window_center
+    ww = info.window_width if info.window_width is not None else config.window_width
+    return (wc, ww, info.input_size, info.texture)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from starlette.routing import Route
 
 from edge_node.errors import InputError, LabelError, NodeError
 from edge_node.federate.model_refusal import refusal_json, render_refusals
+from edge_node.ingest.preprocess import model_key
 from edge_node.serve.api_guard import (
     BadJson,
     BodyTooLarge,
@@ -54,7 +55,7 @@ from edge_node.serve.api_guard import (
     parse_json,
 )
 from edge_node.serve.browse_api import BrowseRoutes
-from edge_node.serve.pipeline import DUPLICATE, model_key
+from edge_node.serve.pipeline import DUPLICATE
 from edge_node.serve.stats import render_metrics
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from edge_node.errors import InputError, LabelError, QueryError, StoreError
+from edge_node.ingest.preprocess import model_key
 from edge_node.serve import browse
-from edge_node.serve.pipeline import model_key
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute

@@ -13,9 +13,7 @@ another file is skipped as a duplicate.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,8 +26,16 @@ import numpy as np
 
 from edge_node.config import PreprocessConfig
 from edge_node.errors import InputError, NodeError, SkippedInput, StoreError
+from edge_node.ingest.preprocess import (
+    DecodeLimits,
+    PreprocessKey,
+    PreprocessParams,
+    model_key,
+    prepare,
+)
 from edge_node.ingest.quarantine import Quarantine, path_tag
 from edge_node.ingest.watcher import ReadyFile
+from edge_node.serve.crash_guard import CRASHED_DECODER, CrashGuard
 from edge_node.serve.inference import ModelHolder, OnnxModel
 from edge_node.serve.stats import PipelineStats
 from edge_node.store import FileRecord, PredictionRow, SeriesNote, Store
@@ -38,8 +44,6 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 DUPLICATE = "duplicate_sop_instance_uid"  # skip reason of a second file with a known SOP UID
-CRASHED_DECODER = "crashed_decoder"  # quarantine reason of a file the process died decoding
-DECODE_ATTEMPTS = 2  # deaths while decoding one file before it is quarantined as the cause
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Prepared:
     ready: ReadyFile
     meta: Any  # edge_node.ingest.preprocess.SliceMeta
     frames: list[np.ndarray]
-    key: tuple[float, float, int, str]  # (window center, width, size, texture) used
+    key: PreprocessKey  # (window center, width, size, texture) used
     texture: np.ndarray | None
     read_ms: float | None
     preprocess_ms: float
@@ -63,14 +67,6 @@ class Outcome:
     reason: str | None = None
     sop_instance_uid: str | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
-
-
-def model_key(model: OnnxModel, config: PreprocessConfig) -> tuple[float, float, int, str]:
-    """Preprocessing that ``model`` expects: its own window when its metadata has one."""
-    info = model.info
-    wc = info.window_center if info.window_center is not None else config.window_center
-    ww = info.window_width if info.window_width is not None else config.window_width
-    return (wc, ww, info.input_size, info.texture)
 
 
 class Pipeline:
@@ -115,26 +111,21 @@ class Pipeline:
         self._stopping = threading.Event()
         self._sop_lock = threading.Lock()
         self._sops_inflight: dict[str, str] = {}
-        self._params_cache: dict[tuple[Any, ...], Any] = {}
+        self._params_cache: dict[PreprocessKey, PreprocessParams] = {}
         self._texture_fn: Callable[[np.ndarray], np.ndarray] | None = None
-        # Crash-loop guard: a native decoder (python-gdcm) can abort the whole process on a
-        # file; the catch-up scan would hand it over again at every start. While a watched file
-        # is decoded, <decoding_dir>/<path tag>.json names it with its attempt count; at the next
-        # start recover_crashed() quarantines a file the process died on DECODE_ATTEMPTS times
-        # (one death may be a SIGKILL or power cut that merely happened during its decode).
-        # None: no guard (tests, uploads).
-        self.decoding_dir = decoding_dir
-        self._crashed_attempts: dict[str, int] = {}  # path -> deaths while decoding it so far
         # How logs name a file: a path tag by default (file names often carry patient names);
         # the daemon sets the inbox-relative path when [watcher] log_paths is on.
         self.file_ref: Callable[[Path], str] = path_tag
+        # Crash-loop guard (serve/crash_guard.py) over decoding_dir; None: no guard (tests).
+        self.guard = (
+            CrashGuard(decoding_dir, lambda p: self.file_ref(p))
+            if decoding_dir is not None
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        # Import pydicom & co. now, not when the first file arrives (that costs ~0.5 s).
-        import edge_node.ingest.preprocess  # noqa: F401
-
         for i in range(self._n_workers):
             t = threading.Thread(target=self._preprocess_loop, name=f"preprocess-{i}", daemon=True)
             t.start()
@@ -198,11 +189,9 @@ class Pipeline:
             if isinstance(result, Prepared):
                 self._prepared_q.put(result)
 
-    def _params(self, key: tuple[float, float, int, str]) -> Any:
+    def _params(self, key: PreprocessKey) -> PreprocessParams:
         p = self._params_cache.get(key)
         if p is None:
-            from edge_node.ingest.preprocess import DecodeLimits, PreprocessParams
-
             p = PreprocessParams(
                 window_center=key[0],
                 window_width=key[1],
@@ -223,25 +212,21 @@ class Pipeline:
 
     def _prepare(self, ready: ReadyFile, model: OnnxModel) -> Prepared | Outcome:
         """Preprocess one file; every failure becomes a stored outcome (or a retry)."""
-        from edge_node.ingest.preprocess import prepare
-
         key = model_key(model, self.preprocess_config)
         marker = self._mark_decoding(ready)
         try:
-            return self._prepare_marked(ready, model, key, prepare)
+            return self._prepare_marked(ready, model, key)
         finally:
             # The outcome of a refused file is stored by now; a prepared one is past decoding
             # (if the process dies later, decoding it again at the next start is safe).
-            if marker is not None:
-                marker.unlink(missing_ok=True)
-                self._crashed_attempts.pop(str(ready.path), None)
+            if marker is not None and self.guard is not None:
+                self.guard.done(ready.path, marker)
 
     def _prepare_marked(
         self,
         ready: ReadyFile,
         model: OnnxModel,
-        key: tuple[float, float, int, str],
-        prepare: Callable[..., Any],
+        key: PreprocessKey,
     ) -> Prepared | Outcome:
         try:
             pf = prepare(ready.path, self._params(key))
@@ -283,70 +268,26 @@ class Pipeline:
             preprocess_ms=pf.preprocess_ms,
         )
 
-    # -- crash-loop guard --------------------------------------------------------------------
+    # -- crash-loop guard (serve/crash_guard.py) ----------------------------------------------
 
     def _mark_decoding(self, ready: ReadyFile) -> Path | None:
-        """Durably (for a process crash: written and renamed, no fsync) note that ``ready`` is
-        being decoded; returns the marker to remove, None when there is no guard."""
-        if self.decoding_dir is None or ready.via == "upload":
+        """Note that ``ready`` is being decoded; the marker to remove, None without a guard."""
+        if self.guard is None or ready.via == "upload":
             return None
-        marker = self.decoding_dir / f"{path_tag(ready.path)}.json"
-        tmp = marker.with_name(f".{marker.name}.tmp")
-        attempt = self._crashed_attempts.get(str(ready.path), 0) + 1
-        record = {"path": str(ready.path), "attempt": attempt}
-        try:
-            self.decoding_dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, marker)
-        except OSError as exc:  # a full disk must not stop decoding: only the guard is lost
-            tmp.unlink(missing_ok=True)
-            log.error(
-                "decoding marker not written for file %s: %s",
-                self.file_ref(ready.path),
-                exc.strerror,
-            )
-            return None
-        return marker
+        return self.guard.mark(ready.path, path_tag(ready.path))
 
     def recover_crashed(self) -> int:
         """At start, before the catch-up scan: quarantine (reason ``crashed_decoder``, outcome
-        stored) each file the process died decoding ``DECODE_ATTEMPTS`` times; a first death is
-        remembered and the file decoded again. Returns how many were quarantined."""
-        if self.decoding_dir is None or not self.decoding_dir.is_dir():
+        stored) each file the process died decoding ``DECODE_ATTEMPTS`` times. Returns how many
+        were quarantined."""
+        if self.guard is None:
             return 0
-        n = 0
-        for marker in sorted(self.decoding_dir.glob("*.json")):
-            try:
-                record = json.loads(marker.read_text())
-                path, attempt = Path(str(record["path"])), int(record["attempt"])
-            except (OSError, ValueError, KeyError, TypeError):
-                log.error("unreadable decoding marker %s removed", marker.name)
-                marker.unlink(missing_ok=True)
-                continue
-            try:
-                st = path.stat()
-            except OSError:  # gone since: nothing to record, nothing to scan again
-                marker.unlink(missing_ok=True)
-                continue
-            if attempt < DECODE_ATTEMPTS:
-                # The marker stays (rewritten with the next attempt when decoding starts), so
-                # a death before that still counts this one.
-                self._crashed_attempts[str(path)] = attempt
-                log.warning(
-                    "file %s was being decoded when the node died (%d of %d): decoding again",
-                    self.file_ref(path),
-                    attempt,
-                    DECODE_ATTEMPTS,
-                )
-                continue
-            ready = ReadyFile(path, st.st_size, st.st_mtime, True, time.monotonic(), "catchup")
-            detail = f"the node process died {attempt} times while decoding this file"
+        crashed = self.guard.recover()
+        for c in crashed:
+            ready = ReadyFile(c.path, c.size, c.mtime, True, time.monotonic(), "catchup")
+            detail = f"the node process died {c.attempts} times while decoding this file"
             self._finish_unusable(ready, "quarantined", CRASHED_DECODER, detail, None)
-            marker.unlink(missing_ok=True)
-            n += 1
-        for tmp in self.decoding_dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        return n
+        return len(crashed)
 
     def _claim_sop(self, sop: str, path: str) -> bool:
         """False when another file with this SOP instance is in flight or already predicted."""

@@ -79,9 +79,8 @@ def test_predict_matches_the_daemon_path(
 ) -> None:
     """Same model, same file: the CLI and the pipeline agree (same preprocessing, same window)."""
     from edge_node.config import PreprocessConfig
-    from edge_node.ingest.preprocess import PreprocessParams, prepare
+    from edge_node.ingest.preprocess import PreprocessParams, model_key, prepare
     from edge_node.serve.inference import OnnxModel
-    from edge_node.serve.pipeline import model_key
 
     model_path = make_classifier(tmp_path / "m.onnx", window=(-400.0, 1200.0))
     ct = tmp_path / "ct.dcm"

@@ -28,8 +28,9 @@ from edge_node.errors import PixelDecodeError
 from edge_node.ingest.dicom_decode import check_jpeg_frames, jpeg_frame_header, read_dataset
 from edge_node.ingest.quarantine import Quarantine
 from edge_node.ingest.watcher import ReadyFile
+from edge_node.serve.crash_guard import CRASHED_DECODER
 from edge_node.serve.inference import ModelHolder
-from edge_node.serve.pipeline import CRASHED_DECODER, Pipeline
+from edge_node.serve.pipeline import Pipeline
 from edge_node.store import Store
 from tests.helpers.dicom_factory import sample_path
 from tests.helpers.onnx_models import make_classifier
