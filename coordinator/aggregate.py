@@ -28,7 +28,7 @@ import numpy as np
 from coordinator.spool import SpoolFile
 from coordinator.state import RoundRow, State, UpdateRow
 from coordinator.strategy import Strategy
-from coordinator.strategy_utils import capped_weights
+from coordinator.strategy.utils import capped_weights
 from coordinator.validate import contribution_outliers
 
 log = logging.getLogger(__name__)

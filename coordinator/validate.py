@@ -23,7 +23,7 @@ import numpy as np
 
 from coordinator.config import ValidationConfig
 from coordinator.errors import UpdateRejected
-from coordinator.strategy_utils import is_counter, is_integer, l2_norm
+from coordinator.strategy.utils import is_counter, is_integer, l2_norm
 
 MIN_FOR_MEDIAN = 3  # accepted updates needed before the median test replaces the absolute cap
 

@@ -15,7 +15,7 @@ from fedscan.errors import BenchError
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "inference": ("fedscan.bench.inference", "onnxruntime vs torch, file-to-prediction latency"),
     "train": ("fedscan.bench.train", "local training speed on real slices"),
-    "federation": ("fedscan.bench.federation", "rounds over a real broker"),
+    "federation": ("fedscan.bench.federation.command", "rounds over a real broker"),
     "dp": ("fedscan.bench.dp", "accuracy cost of differential privacy on updates (UCSD)"),
     "series-rule": ("fedscan.bench.series_rule", "series verdict rules judged per patient (UCSD)"),
     "dicom": ("fedscan.bench.dicom", "C-STORE receive vs DCMTK storescp, series to SR at a PACS"),

@@ -1,15 +1,14 @@
 """`fedscan bench dp`: the accuracy cost of differential privacy on node updates.
 
 Three simulated hospitals (patient-disjoint shares of the UCSD COVID-CT training split, as in
-``fedscan bench federation``'s accuracy part) run FedAvg in this process for ``--rounds``
-rounds: each trains ``--epochs`` node-style epochs from the global model
-(``fed_accuracy.local_update``: the node's AdamW, class weights, augmentation), its delta goes
-through ``edge_node.federate.privacy.privatize`` exactly as ``UpdateSender`` applies it (global
+``fedscan bench federation``'s accuracy part) run FedAvg in this process for ``--rounds`` rounds:
+each trains ``--epochs`` node-style epochs from the global model
+(``federation.accuracy.local_update``: the node's AdamW, class weights, augmentation), its delta
+goes through ``edge_node.federate.privacy.privatize`` exactly as ``UpdateSender`` applies it (global
 L2 clip to C, then N(0, (z C)^2) per element), is fp32-encoded and decoded, and the coordinator's
-``fedavg`` strategy folds the three. Every arm starts from the same random global model with
-the same seeds, so round 1's local training is shared and the arms differ only by the
-privatization. C defaults to the median L2 norm of the round-1 deltas (clipping then bites
-about half the time).
+``fedavg`` strategy folds the three. Every arm starts from the same random global model with the
+same seeds, so round 1's local training is shared and the arms differ only by the privatization. C
+defaults to the median L2 norm of the round-1 deltas (clipping then bites about half the time).
 
 Reported per arm and round: test accuracy / F1 / AUC of the global model on the (limited)
 official test split, the mean pre-clip norm, and epsilon at ``--delta`` after that many rounds
@@ -80,7 +79,14 @@ def dp_cost(args: argparse.Namespace) -> dict[str, Any]:
     from edge_node.federate.privacy import DpParams, epsilon, l2_norm, privatize
     from export.weights import state_to_numpy
     from export.zoo import create_model
-    from fedscan.bench.fed_accuracy import _metrics, deal, fedavg, load_sets, local_update, scores
+    from fedscan.bench.federation.accuracy import (
+        _metrics,
+        deal,
+        fedavg,
+        load_sets,
+        local_update,
+        scores,
+    )
     from fl_protocol.codecs import encode
 
     t0 = time.perf_counter()

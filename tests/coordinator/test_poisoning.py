@@ -12,7 +12,7 @@ import pytest
 from coordinator.config import RoundsConfig, ValidationConfig
 from coordinator.errors import ConfigError, StateError
 from coordinator.state import State
-from coordinator.strategy_utils import capped_weights, l2_norm, trim_count
+from coordinator.strategy.utils import capped_weights, l2_norm, trim_count
 from coordinator.validate import contribution_outliers
 from tests.coordinator.fakes import make_delta, tiny_weights
 from tests.coordinator.test_rounds import World, expected_fedavg

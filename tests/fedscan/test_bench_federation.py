@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedscan.bench.federation import targets
+from fedscan.bench.federation.command import targets
 from fedscan.brokers.mosquitto import mosquitto_binary
 from fedscan.cli import main
 

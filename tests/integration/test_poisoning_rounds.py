@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from coordinator.state import State
-from coordinator.strategy_utils import is_counter, l2_norm
+from coordinator.strategy.utils import is_counter, l2_norm
 from fedscan.brokers.mosquitto import Mosquitto
 from tests.coordinator.fakes import tiny_weights
 from tests.integration.test_coordinator_rounds import (

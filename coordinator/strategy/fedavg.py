@@ -19,8 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from coordinator.errors import StateError
-from coordinator.strategy import Strategy, register_strategy
-from coordinator.strategy_utils import Weights, integer_step, is_counter, weighted_accumulate
+from coordinator.strategy.base import Strategy, register_strategy
+from coordinator.strategy.utils import Weights, integer_step, is_counter, weighted_accumulate
 
 
 @register_strategy

@@ -2,15 +2,15 @@
 
 1. ``bytes``: bytes one node publishes per round (manifest + every chunk) for each codec
    (fp32, fp16, int8, int8_channel, and each restricted to the ``head`` mode's trainable
-   tensors) on resnet18 and efficientnet_b0, with real deltas (``fed_bytes``).
+   tensors) on resnet18 and efficientnet_b0, with real deltas (``wire_bytes``).
 2. ``accuracy``: one FedAvg step of three hospitals, the same updates aggregated through each
-   codec; test accuracy vs the fp32 aggregate (``fed_accuracy``; UCSD when present).
+   codec; test accuracy vs the fp32 aggregate (``accuracy``; UCSD when present).
 3. ``aggregation``: time and peak memory of the coordinator's aggregation step for 10, 50 and
-   100 resnet18-sized updates (``fed_aggregate``, one fresh process per run).
+   100 resnet18-sized updates (``aggregate``, one fresh process per run).
 4. ``round``: protocol overhead of a 3-node round of real daemons through real Mosquitto,
-   round wall time minus the slowest node's training time (``fed_round``).
+   round wall time minus the slowest node's training time (``rounds``).
 5. ``swarm``: one round completed by 100 simulated nodes (real federation clients, one MQTT
-   connection each) against the real coordinator on Mosquitto (``fed_swarm``).
+   connection each) against the real coordinator on Mosquitto (``swarm``).
 
 Weights start from random init (no internet here: ``"init": "random"``). The machine may be
 shared: the load average at start and end is recorded. Parts that cannot run (no Mosquitto)
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedscan.bench.fed_common import REPO_ROOT, PartSkipped, loadavg, machine
+from fedscan.bench.federation.common import REPO_ROOT, PartSkipped, loadavg, machine
 from fedscan.errors import BenchError
 
 PARTS = ("bytes", "accuracy", "aggregation", "round", "swarm")
@@ -152,7 +152,7 @@ class Context:
 
     def delta(self, arch: str) -> Any:
         if arch not in self.deltas:
-            from fedscan.bench.fed_bytes import ct_slices, realistic_delta
+            from fedscan.bench.federation.wire_bytes import ct_slices, realistic_delta
 
             images, _src = ct_slices(self.sizes["bytes_slices"], self.work)
             base, delta, _facts = realistic_delta(arch, images, batch=4)
@@ -161,7 +161,7 @@ class Context:
 
 
 def part_bytes(ctx: Context, out: dict[str, Any]) -> None:
-    from fedscan.bench.fed_bytes import ct_slices, measure_bytes
+    from fedscan.bench.federation.wire_bytes import ct_slices, measure_bytes
 
     images, source = ct_slices(ctx.sizes["bytes_slices"], ctx.work)
     tables = measure_bytes(ctx.sizes["bytes_archs"], images, batch=4, keep=ctx.deltas)
@@ -175,7 +175,7 @@ def part_bytes(ctx: Context, out: dict[str, Any]) -> None:
 
 
 def part_accuracy(ctx: Context, out: dict[str, Any]) -> None:
-    from fedscan.bench.fed_accuracy import codec_accuracy, load_sets
+    from fedscan.bench.federation.accuracy import codec_accuracy, load_sets
 
     sets, source = load_sets(ctx.args.dataset, ctx.work, ctx.sizes["accuracy_limit"])
     print(f"  data: {source}; " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), flush=True)
@@ -199,7 +199,7 @@ def part_accuracy(ctx: Context, out: dict[str, Any]) -> None:
 
 
 def part_aggregation(ctx: Context, out: dict[str, Any]) -> None:
-    from fedscan.bench.fed_aggregate import measure_aggregation
+    from fedscan.bench.federation.aggregate import measure_aggregation
 
     arch = ctx.sizes["aggregation_arch"]
     base, template = ctx.delta(arch)
@@ -224,7 +224,7 @@ def part_aggregation(ctx: Context, out: dict[str, Any]) -> None:
 
 
 def part_round(ctx: Context, out: dict[str, Any]) -> None:
-    from fedscan.bench.fed_round import protocol_round
+    from fedscan.bench.federation.rounds import protocol_round
 
     result = protocol_round(
         ctx.work / "round",
@@ -242,7 +242,7 @@ def part_round(ctx: Context, out: dict[str, Any]) -> None:
 
 
 def part_swarm(ctx: Context, out: dict[str, Any]) -> None:
-    from fedscan.bench.fed_swarm import swarm_round
+    from fedscan.bench.federation.swarm import swarm_round
 
     n = ctx.sizes["swarm_nodes"]
     result = swarm_round(

@@ -24,7 +24,7 @@ from typing import Any
 
 from fedscan.brokers.mosquitto import Mosquitto, MosquittoNotFound, mosquitto_binary
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 FEDERATION = "bench"
 
 

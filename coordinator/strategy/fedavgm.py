@@ -18,9 +18,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from coordinator.errors import ConfigError, StateError
-from coordinator.fedavg import FedAvg
-from coordinator.strategy import register_strategy
-from coordinator.strategy_utils import Weights
+from coordinator.strategy.base import register_strategy
+from coordinator.strategy.fedavg import FedAvg
+from coordinator.strategy.utils import Weights
 
 
 @register_strategy

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from coordinator.errors import ConfigError, StateError
-from coordinator.strategy import Strategy, UpdateSource, register_strategy
-from coordinator.strategy_utils import (
+from coordinator.strategy.base import Strategy, UpdateSource, register_strategy
+from coordinator.strategy.utils import (
     Weights,
     apply_delta,
     integer_step,

@@ -1,6 +1,6 @@
 """One node's federation side as its own process, for the round benchmark.
 
-    python -m fedscan.bench.fed_node --config node.toml
+    python -m fedscan.bench.federation.node --config node.toml
 
 Runs what a `fedscan node run` daemon runs for ``[federation] enabled``: the real
 ``edge_node.federate.client.FederationClient`` over a ``PahoTransport`` to the configured broker,
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(args.config)
     holder = ModelHolder(intra_op_threads=config.inference.intra_op_threads)
-    log = logging.getLogger("fedscan.bench.fed_node")
+    log = logging.getLogger("fedscan.bench.federation.node")
 
     def on_new_model(path: Path, version: int) -> None:
         holder.swap(path)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from coordinator.errors import ConfigError, StateError, UnknownStrategyError
-from coordinator.fedadam import FedAdam
-from coordinator.fedavg import FedAvg
 from coordinator.spool import SpoolFile, load_tensors, save_tensors
 from coordinator.strategy import Strategy, create_strategy, list_strategies
-from coordinator.trimmed_mean import TrimmedMean
+from coordinator.strategy.fedadam import FedAdam
+from coordinator.strategy.fedavg import FedAvg
+from coordinator.strategy.trimmed_mean import TrimmedMean
 from fl_protocol import codecs
 
 

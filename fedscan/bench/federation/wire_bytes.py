@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedscan.bench.fed_common import FEDERATION
+from fedscan.bench.federation.common import FEDERATION
 from fedscan.samples import find_samples
 
 CT_SAMPLES = ("693_UNCR.dcm", "693_J2KR.dcm", "eCT_Supplemental.dcm")

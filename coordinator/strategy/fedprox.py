@@ -9,8 +9,8 @@ import logging
 from typing import Any
 
 from coordinator.errors import ConfigError
-from coordinator.fedavg import FedAvg
-from coordinator.strategy import register_strategy
+from coordinator.strategy.base import register_strategy
+from coordinator.strategy.fedavg import FedAvg
 
 log = logging.getLogger(__name__)
 

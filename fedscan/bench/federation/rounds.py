@@ -1,16 +1,15 @@
 """Part 4: the protocol overhead of a real round: real node processes, real training, Mosquitto.
 
-Three node processes (each with a labelled inbox of synthetic CT DICOM from
-``fedscan.synthetic``, patient-disjoint) and one `fedscan coordinator run` (cnn2d, fedavg,
-fp16 updates, every node expected) talk through a Mosquitto on loopback. A node process is
-``python -m fedscan.bench.fed_node`` (default: the real federation client with its real compute
-worker, as the daemon runs it, without the inference pipeline: the daemon in this tree does
-not start the federation client yet) or, with ``node_process="daemon"``, a `fedscan node run`
-daemon with ``[federation] enabled``. The nodes start first and wait with their compute worker
-pre-started (torch imported), as a workstation does; then the coordinator opens round 1. Every
-round a node fetches the global model, exports it to ONNX and swaps it in, evaluates it, trains
-one epoch in its low-priority worker, and sends its delta; the coordinator aggregates and
-opens the next round.
+Three node processes (each with a labelled inbox of synthetic CT DICOM from ``fedscan.synthetic``,
+patient-disjoint) and one `fedscan coordinator run` (cnn2d, fedavg, fp16 updates, every node
+expected) talk through a Mosquitto on loopback. A node process is ``python -m
+fedscan.bench.federation.node`` (default: the real federation client with its real compute worker,
+as the daemon runs it, without the inference pipeline: the daemon in this tree does not start the
+federation client yet) or, with ``node_process="daemon"``, a `fedscan node run` daemon with
+``[federation] enabled``. The nodes start first and wait with their compute worker pre-started
+(torch imported), as a workstation does; then the coordinator opens round 1. Every round a node
+fetches the global model, exports it to ONNX and swaps it in, evaluates it, trains one epoch in its
+low-priority worker, and sends its delta; the coordinator aggregates and opens the next round.
 
 Per round: ``wall_s`` = coordinator ``closed_at - opened_at`` (its SQLite);
 ``slowest_training_s`` = the largest ``seconds`` in the nodes' ``result.json`` (the whole
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedscan.bench.fed_common import (
+from fedscan.bench.federation.common import (
     FEDERATION,
     REPO_ROOT,
     CoordinatorProcess,
@@ -135,7 +134,7 @@ NODE_PROCESSES = ("client", "daemon")
 
 
 class NodeProcess:
-    """A node as a child process: the federation client (``fed_node``) or the whole daemon."""
+    """A node as a child process: the federation client (``node``) or the whole daemon."""
 
     def __init__(self, folder: Path, node_id: str, broker_url: str, kind: str) -> None:
         if kind not in NODE_PROCESSES:
@@ -153,7 +152,7 @@ class NodeProcess:
             cmd = [sys.executable, "-m", "fedscan.cli", "node", "run", "--config", toml]
             cmd += ["--api-port", "0"]
         else:
-            cmd = [sys.executable, "-m", "fedscan.bench.fed_node", "--config", toml]
+            cmd = [sys.executable, "-m", "fedscan.bench.federation.node", "--config", toml]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(

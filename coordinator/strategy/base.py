@@ -31,17 +31,17 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from coordinator.errors import ConfigError, UnknownStrategyError
-from coordinator.strategy_utils import Weights
+from coordinator.strategy.utils import Weights
 
 log = logging.getLogger(__name__)
 
 # modules holding the built-in strategies, imported on first use of the registry
 _BUILTIN_MODULES = (
-    "coordinator.fedavg",
-    "coordinator.fedprox",
-    "coordinator.fedadam",
-    "coordinator.fedavgm",
-    "coordinator.trimmed_mean",
+    "coordinator.strategy.fedavg",
+    "coordinator.strategy.fedprox",
+    "coordinator.strategy.fedadam",
+    "coordinator.strategy.fedavgm",
+    "coordinator.strategy.trimmed_mean",
 )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedscan.bench.fed_bytes import CODECS
+from fedscan.bench.federation.wire_bytes import CODECS
 
 HOSPITALS = 3
 EVAL_BATCH = 32

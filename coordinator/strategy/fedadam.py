@@ -21,9 +21,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from coordinator.errors import ConfigError, StateError
-from coordinator.fedavg import FedAvg
-from coordinator.strategy import register_strategy
-from coordinator.strategy_utils import Weights, adam_update
+from coordinator.strategy.base import register_strategy
+from coordinator.strategy.fedavg import FedAvg
+from coordinator.strategy.utils import Weights, adam_update
 
 
 @register_strategy

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedscan.bench.fed_common import (
+from fedscan.bench.federation.common import (
     FEDERATION,
     CoordinatorProcess,
     coordinator_keys,

@@ -8,7 +8,7 @@ bytes by ``SpoolFile.load``, one at a time), write the new checkpoint and commit
 distinct payloads (real-looking deltas: the resnet18 delta of part 1 rescaled and perturbed
 per payload) are shared by the N rows, so the disk holds K files, not N.
 
-Each N runs in a fresh child process (``python -m fedscan.bench.fed_aggregate``) so that
+Each N runs in a fresh child process (``python -m fedscan.bench.federation.aggregate``) so that
 memory figures are not polluted by torch or by the other parts:
 
 - ``peak_traced_mb``: tracemalloc peak over the whole step (numpy buffers and Python bytes are
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedscan.bench.fed_common import REPO_ROOT
+from fedscan.bench.federation.common import REPO_ROOT
 
 RESULT_MARK = "FEDSCAN-AGGREGATE "
 METADATA = {"format": "fedscan.weights/1", "texture_dim": "0", "init": "random"}
@@ -61,7 +61,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Write ``global.safetensors`` and ``distinct`` encoded payloads under ``folder``."""
     from coordinator.spool import save_tensors
-    from coordinator.strategy_utils import l2_norm
+    from coordinator.strategy.utils import l2_norm
     from fl_protocol.codecs import decode, encode
     from fl_protocol.files import write_atomic
 
@@ -88,7 +88,7 @@ def prepare(
 
 
 def run_child(folder: Path, codec: str, nodes: int, *, trace: bool) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "fedscan.bench.fed_aggregate", "--dir", str(folder)]
+    cmd = [sys.executable, "-m", "fedscan.bench.federation.aggregate", "--dir", str(folder)]
     cmd += ["--codec", codec, "--nodes", str(nodes)] + (["--trace"] if trace else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900)
@@ -181,7 +181,7 @@ def _reset_peak_rss() -> bool:
 
 def _measured_fedavg() -> Any:
     """The registered ``fedavg`` strategy, noting the traced peak of its streaming loop."""
-    from coordinator.fedavg import FedAvg
+    from coordinator.strategy.fedavg import FedAvg
 
     class MeasuredFedAvg(FedAvg):
         peak_before = 0  # traced peak before streaming began (loading the global checkpoint)
