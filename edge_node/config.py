@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_node.errors import ConfigError
+from edge_node.layout import StateLayout
 from fl_protocol.config_types import kind_of, type_problem
 
 T = TypeVar("T")
@@ -28,8 +29,13 @@ class PathsConfig:
     model_dir: Path  # current.onnx (+ previous.onnx for rollback), global weights
 
     @property
+    def state(self) -> StateLayout:
+        """What lives where under ``state_dir`` (edge_node/layout.py)."""
+        return StateLayout(self.state_dir)
+
+    @property
     def database(self) -> Path:
-        return self.state_dir / "node.sqlite"
+        return self.state.database
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ class Daemon:
             slices_per_run=config.inference.batch_size,
             batch_wait_ms=config.watcher.batch_wait_ms,
             stats=self.stats,
-            decoding_dir=paths.state_dir / "decoding",  # crash-loop guard (serve/crash_guard.py)
+            decoding_dir=paths.state.decoding,  # crash-loop guard (serve/crash_guard.py)
             chest=_chest_policy(config),  # [series] chest_only: skip head, abdomen, scouts
         )
         # A file the previous process died decoding (a native decoder abort) is quarantined
@@ -222,7 +222,7 @@ class Daemon:
                 where = f"{self.config.api.host}:{self.config.api.port}"
                 raise ConfigError(f"api: cannot listen on {where}: {exc.strerror}") from exc
             # atomic: a reader (operator script, test) never sees an empty file
-            write_atomic(self.config.paths.state_dir / "api.port", f"{port}\n".encode())
+            write_atomic(self.config.paths.state.api_port, f"{port}\n".encode())
             log.info(
                 "API on http://%s:%d (token %s)",
                 self.config.api.host,
@@ -244,7 +244,7 @@ class Daemon:
         publish = None
         if res.structured_report or res.secondary_capture:
             publish = ResultPublisher(
-                config.paths.state_dir / "outbox",
+                config.paths.state.outbox,
                 sr=res.structured_report,
                 sc=res.secondary_capture,
                 key_slices=res.key_slices,

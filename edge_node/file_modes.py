@@ -15,13 +15,13 @@ import os
 import stat
 from pathlib import Path
 
+from edge_node.layout import StateLayout
+
 log = logging.getLogger(__name__)
 
 PRIVATE_UMASK = 0o077
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
-_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
-_PRIVATE_SUBDIRS = ("uploads", "thumbnails")  # under state_dir, patient data in each file
 
 
 def set_private_umask() -> int:
@@ -48,11 +48,9 @@ def tighten_state(state_dir: Path, quarantine_dir: Path, extra_files: tuple[Path
     changed = 0
     for folder in (state_dir, quarantine_dir):
         changed += tighten(folder, PRIVATE_DIR)
-    database = state_dir / "node.sqlite"
-    files = [Path(f"{database}{suffix}") for suffix in _SQLITE_SUFFIXES]
-    files += extra_files
-    for name in _PRIVATE_SUBDIRS:
-        sub = state_dir / name
+    layout = StateLayout(state_dir)
+    files = [*layout.database_files, *extra_files]
+    for sub in layout.patient_data_dirs:
         changed += tighten(sub, PRIVATE_DIR)
         files += _files_in(sub)
     files += _files_in(quarantine_dir)

@@ -30,10 +30,10 @@ def sweep(config: NodeConfig, now: float | None = None) -> dict[str, int]:
     quarantine). Never raises for a file that vanished or cannot be removed."""
     now = time.time() if now is None else now
     ret = config.retention
-    state = config.paths.state_dir
+    state = config.paths.state
     removed = {
-        "uploads": _sweep_folder(state / "uploads", ret.uploads_days, now),
-        "thumbnails": _sweep_folder(state / "thumbnails", ret.thumbnails_days, now),
+        "uploads": _sweep_folder(state.uploads, ret.uploads_days, now),
+        "thumbnails": _sweep_folder(state.thumbnails, ret.thumbnails_days, now),
         "quarantine": _sweep_folder(config.paths.quarantine_dir, ret.quarantine_days, now),
     }
     if any(removed.values()):

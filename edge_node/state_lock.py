@@ -15,15 +15,14 @@ import os
 from pathlib import Path
 
 from edge_node.errors import ConfigError
-
-LOCK_NAME = "node.lock"
+from edge_node.layout import StateLayout
 
 
 class StateLock:
     """Held from ``acquire()`` until ``release()`` (or the process ends)."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / LOCK_NAME
+        self.path = StateLayout(Path(state_dir)).lock
         self._fd: int | None = None
 
     @property

@@ -22,7 +22,7 @@ def outbox_for(config: NodeConfig) -> Outbox:
     """The node's outbox (``<state_dir>/outbox``) with the configured retry backoff."""
     send = config.dicom.send_to
     return Outbox(
-        config.paths.state_dir / "outbox",
+        config.paths.state.outbox,
         backoff_base_s=send.retry_base_s,
         backoff_cap_s=send.retry_cap_s,
     )
@@ -42,7 +42,7 @@ class DicomServices:
                 dicom.listener,
                 config.paths.inbox,
                 stats,
-                port_file=config.paths.state_dir / "dicom.port",
+                port_file=config.paths.state.dicom_port,
             )
         if dicom.send_to.enabled or dicom.results_dir is not None:
             self.sender = Sender(

@@ -73,7 +73,7 @@ NewModelCallback = Callable[[Path, int], None]
 
 def federation_dir(config: NodeConfig) -> Path:
     """``<state_dir>/federation``: sync state, spool, outbox, training runs."""
-    return config.paths.state_dir / "federation"
+    return config.paths.state.federation
 
 
 @dataclass

@@ -89,8 +89,8 @@ class NodeApi:
     def __init__(self, node: NodeView) -> None:
         self.node = node
         self.token = node.config.api.token
-        self.thumbs = node.config.paths.state_dir / "thumbnails"
-        self.uploads = node.config.paths.state_dir / "uploads"
+        self.thumbs = node.config.paths.state.thumbnails
+        self.uploads = node.config.paths.state.uploads
         self.max_upload = int(node.config.api.max_upload_mb) << 20
         self._page = string.Template((STATIC / "slices.html").read_text())
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from edge_node.config import NodeConfig
 from edge_node.errors import TrainingError
+from edge_node.layout import StateLayout
 from fl_protocol.metrics import Metrics
 
 MODES: tuple[str, ...] = ("full", "last_stage", "head")
@@ -75,7 +76,7 @@ class TrainJob:
 
     @property
     def train_dir(self) -> Path:
-        return self.state_dir / "train"
+        return StateLayout(self.state_dir).train
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -134,7 +135,7 @@ class TrainJob:
             init_weights = candidate if candidate.is_file() else None
         if out_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            out_dir = config.paths.state_dir / "train" / "runs" / stamp
+            out_dir = config.paths.state.train_runs / stamp
         values: dict[str, Any] = {
             "db_path": config.paths.database,
             "state_dir": config.paths.state_dir,

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_node.layout import StateLayout
 from fedscan.bench.dicom_peers import DcmtkStoreScp, RecordingScp, dcmtk, dcmtk_available
 from fedscan.errors import BenchError
 from fedscan.samples import find_samples, missing
@@ -212,7 +213,7 @@ port = {pacs.port}
         log = open(folder / "node.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            port_file = folder / "state" / "dicom.port"
+            port_file = StateLayout(folder / "state").dicom_port
             deadline = time.monotonic() + 120
             while not port_file.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:

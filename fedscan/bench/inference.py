@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_node.layout import StateLayout
 from fedscan.errors import BenchError
 from fedscan.samples import find_samples, missing
 
@@ -194,7 +195,7 @@ class _Node:
         self.log = open(folder / "node.log", "wb")  # noqa: SIM115
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        port_file = folder / "state" / "api.port"
+        port_file = StateLayout(folder / "state").api_port
         while not port_file.exists():
             if self.proc.poll() is not None:
                 raise BenchError(f"node exited {self.proc.returncode}; see {folder / 'node.log'}")
