@@ -15,10 +15,10 @@ from urllib.parse import urlparse
 
 from coordinator.errors import ConfigError
 from fl_protocol.config_types import kind_of, type_problem
+from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
 
-TRAIN_MODES = ("full", "last_stage", "head")
 MIN_NODES_TRIMMED_MEAN = 3  # quorum a trimmed mean needs: one update cut at each end, one left
 INIT_CHOICES = ("random", "hub", "file")
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from edge_node.errors import ConfigError
 from edge_node.layout import StateLayout
 from fl_protocol.config_types import kind_of, type_problem
+from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
 
@@ -149,8 +150,9 @@ class TrainingConfig:
     pretrained: str | None = None  # None, "hub", or a local weights file
 
     def __post_init__(self) -> None:
-        if self.mode not in ("full", "last_stage", "head"):
-            raise ConfigError(f"training: mode must be full, last_stage or head, not {self.mode!r}")
+        if self.mode not in TRAIN_MODES:
+            modes = f"{', '.join(TRAIN_MODES[:-1])} or {TRAIN_MODES[-1]}"
+            raise ConfigError(f"training: mode must be {modes}, not {self.mode!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("training: val_fraction must be in (0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

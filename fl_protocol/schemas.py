@@ -39,7 +39,9 @@ MAX_CHUNK_SIZE = 1024 * 1024  # chunks are at most 1 MiB (broker max packet is 2
 MAX_ITEMS = 4096  # any list in a message
 MAX_MAP_ITEMS = 64  # metric dictionaries
 MAX_STR = 256
-TRAIN_MODES = ("full", "last_stage", "head")
+# what a node trains: everything, the last backbone stage + head, or the head only (the one
+# list; export.net.TrainMode spells the same names for torch, checked by the tests)
+TRAIN_MODES: tuple[str, ...] = ("full", "last_stage", "head")
 ACK_STATUSES = ("complete", "missing", "stale", "rejected", "duplicate")
 NODE_STATES = ("online", "offline")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")

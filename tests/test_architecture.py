@@ -110,3 +110,19 @@ def test_edge_node_layers_import_one_way(sub: str) -> None:
         if any(name == f or name.startswith(f + ".") for f in forbidden)
     ]
     assert offenders == []
+
+
+def test_train_modes_have_one_list() -> None:
+    """fl_protocol.schemas.TRAIN_MODES is the list; node config, training job, coordinator config
+    and the torch model (export.net.TrainMode) accept exactly those names."""
+    from typing import get_args
+
+    pytest.importorskip("torch")
+    import coordinator.config
+    import edge_node.train.job
+    from export.net import TrainMode
+    from fl_protocol.schemas import TRAIN_MODES
+
+    assert get_args(TrainMode) == TRAIN_MODES
+    assert edge_node.train.job.MODES is TRAIN_MODES
+    assert coordinator.config.TRAIN_MODES is TRAIN_MODES

@@ -18,8 +18,8 @@ from edge_node.config import NodeConfig
 from edge_node.errors import TrainingError
 from edge_node.layout import StateLayout
 from fl_protocol.metrics import Metrics
+from fl_protocol.schemas import TRAIN_MODES as MODES
 
-MODES: tuple[str, ...] = ("full", "last_stage", "head")
 GLOBAL_WEIGHTS = "global.safetensors"  # <model_dir>/global.safetensors: the current global model
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
