@@ -7,14 +7,13 @@ Relative paths are resolved against the directory of the TOML file.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from coordinator.errors import ConfigError
-from fl_protocol.config_types import kind_of, type_problem
+from fl_protocol.config_types import build_section, kind_of, read_toml, type_problem
 from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
@@ -226,27 +225,16 @@ def _resolve(value: Any, base: Path) -> Path:
 
 
 def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(raw) - set(known)
-    if unknown:
-        raise ConfigError(f"[{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in raw.items():
-        ftype = str(known[name].type)
-        problem = type_problem(ftype, value)  # rounds = "three" -> "... must be an integer"
-        if problem is not None:
-            raise ConfigError(f"[{section}] {name} {problem} (got {kind_of(value)})")
+    def convert(name: str, ftype: str, value: Any) -> Any:
         if "Path" in ftype and value not in (None, ""):
-            value = _resolve(value, base)
-        elif "Path" in ftype or (name == "url" and value == ""):
-            value = None
-        elif "tuple" in ftype and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"[{section}]: {exc}") from exc
+            return _resolve(value, base)
+        if "Path" in ftype or (name == "url" and value == ""):
+            return None
+        if "tuple" in ftype and isinstance(value, list):
+            return tuple(value)
+        return value
+
+    return build_section(cls, raw, section, convert, ConfigError)
 
 
 def config_from_dict(
@@ -288,14 +276,7 @@ def load_config(
     path: Path, overrides: dict[str, dict[str, Any]] | None = None
 ) -> CoordinatorConfig:
     """Read ``coordinator.toml``; ``overrides`` (from CLI flags) win over the file."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    raw = read_toml(path, overrides, ConfigError)
     return config_from_dict(raw, Path(path).resolve().parent, source=Path(path))
 
 

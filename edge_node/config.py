@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_node.errors import ConfigError
 from edge_node.layout import StateLayout
-from fl_protocol.config_types import kind_of, type_problem
+from fl_protocol.config_types import build_section, read_toml
 from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
@@ -393,28 +392,17 @@ _SECTIONS: dict[str, type] = {
 
 
 def _coerce(cls: type[T], raw: dict[str, Any], base: Path, section: str) -> T:
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(raw) - set(known)
-    if unknown:
-        raise ConfigError(f"[{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in raw.items():
-        ftype = str(known[name].type)
-        problem = type_problem(ftype, value)  # port = "eighty" -> "[api] port must be an integer"
-        if problem is not None:
-            raise ConfigError(f"[{section}] {name} {problem} (got {kind_of(value)})")
+    def convert(name: str, ftype: str, value: Any) -> Any:
         if "Path" in ftype and value is not None:
             p = Path(str(value)).expanduser()
-            value = p if p.is_absolute() else (base / p)
-        elif ftype in _SUBSECTIONS and isinstance(value, dict):
-            value = _coerce(_SUBSECTIONS[ftype], value, base, f"{section}.{name}")
-        elif "tuple" in ftype and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"[{section}]: {exc}") from exc
+            return p if p.is_absolute() else (base / p)
+        if ftype in _SUBSECTIONS and isinstance(value, dict):
+            return _coerce(_SUBSECTIONS[ftype], value, base, f"{section}.{name}")
+        if "tuple" in ftype and isinstance(value, list):
+            return tuple(value)
+        return value
+
+    return build_section(cls, raw, section, convert, ConfigError)
 
 
 def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> NodeConfig:
@@ -437,14 +425,7 @@ def config_from_dict(raw: dict[str, Any], base: Path, source: Path | None = None
 
 def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> NodeConfig:
     """Read ``node.toml``; ``overrides`` (from CLI flags) win over the file, per section/key."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    raw = read_toml(path, overrides, ConfigError)
     return config_from_dict(raw, Path(path).resolve().parent, source=Path(path))
 
 

@@ -6,12 +6,25 @@ fails far from the file, or not at all. ``type_problem`` reads the field's annot
 written (``int``, ``float | None``, ``tuple[str, ...]``, ``Path | None``; the modules use
 ``from __future__ import annotations``, so these are strings) and says what the value must be.
 Annotations it does not know (nested section dataclasses, ``Any``) are left to their loaders.
+
+``read_toml`` and ``build_section`` are the loader both daemons share: read the file, apply the
+CLI overrides, and turn each ``[section]`` table into its dataclass (unknown keys and wrong types
+refused with the daemon's own ``ConfigError``); what a value becomes (a path resolved against the
+file's folder, a nested table) is the daemon's ``convert``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+# (field name, annotation as written, TOML value) -> the value the dataclass gets
+Convert = Callable[[str, str, Any], Any]
 
 _SCALARS: dict[str, tuple[str, str]] = {
     # annotation -> (what it must be, plural for lists)
@@ -82,3 +95,41 @@ def kind_of(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return type(value).__name__
+
+
+def read_toml(
+    path: Path, overrides: dict[str, dict[str, Any]] | None, error: type[Exception]
+) -> dict[str, Any]:
+    """The TOML file as a dict, ``overrides`` (CLI flags; None values ignored) applied per
+    section and key; a missing or invalid file raises ``error``."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise error(f"config file not found: {path}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from exc
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return raw
+
+
+def build_section(
+    cls: type[T], raw: dict[str, Any], section: str, convert: Convert, error: type[Exception]
+) -> T:
+    """``cls(**raw)`` for the ``[section]`` table: unknown keys and values of the wrong type
+    raise ``error`` naming the section and key; each value goes through ``convert`` first."""
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise error(f"[{section}]: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        ftype = str(known[name].type)
+        problem = type_problem(ftype, value)  # port = "eighty" -> "[api] port must be an integer"
+        if problem is not None:
+            raise error(f"[{section}] {name} {problem} (got {kind_of(value)})")
+        kwargs[name] = convert(name, ftype, value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise error(f"[{section}]: {exc}") from exc
