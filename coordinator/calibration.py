@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from fl_protocol.calibration import CalibrationError, CalibrationStats, OperatingPoint, combine
 from fl_protocol.calibration import fit_operating_point as fit
+from fl_protocol.files import write_atomic
 from fl_protocol.schemas import EvalReport
 from fl_protocol.topics import check_id
 
@@ -42,11 +42,8 @@ class CalibrationBook:
             return False
         node = check_id(report.node, "node")
         folder = self.dir / f"v{int(report.model_version)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{node}.json.tmp"
         payload = {k: v for k, v in report.calibration.to_dict().items() if k != "schema"}
-        tmp.write_text(json.dumps(payload) + "\n")
-        os.replace(tmp, folder / f"{node}.json")
+        write_atomic(folder / f"{node}.json", (json.dumps(payload) + "\n").encode())
         return True
 
     def stats(self, version: int) -> CalibrationStats | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import os
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fl_protocol.errors import ReplayError, SignatureError
+from fl_protocol.files import write_atomic
 from fl_protocol.schemas import GlobalManifest, UpdateManifest
 from fl_protocol.topics import check_id
 
@@ -43,16 +43,7 @@ def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o600)  # O_CREAT honours umask; make sure
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=0o600)
 
 
 def save_public_key(key: Ed25519PublicKey, path: Path) -> None:

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -57,7 +56,7 @@ from edge_node.train.job import GLOBAL_WEIGHTS, TrainJob
 from fl_protocol.chunking import Reassembler
 from fl_protocol.codecs import read_metadata
 from fl_protocol.errors import ProtocolError, ReplayError, SchemaError
-from fl_protocol.files import write_atomic
+from fl_protocol.files import copy_atomic, write_atomic
 from fl_protocol.schemas import GlobalManifest
 from fl_protocol.signing import ReplayGuard, load_public_key, verify_manifest
 
@@ -110,17 +109,6 @@ class Installed:
     onnx_path: Path | None  # the new current.onnx when served
     new_accuracy: float | None = None  # gate evaluation on the local validation split
     served_accuracy: float | None = None
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def weights_file_bytes(manifest: GlobalManifest, payload: bytes) -> bytes:

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from fl_protocol.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -80,14 +82,9 @@ class Quarantine:
             "quarantined_at": time.time(),
         }
         reason_path = dst.with_name(dst.name + ".reason.json")
-        tmp = reason_path.with_name("." + reason_path.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with open(fd, "w") as f:
-                f.write(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, reason_path)
+            write_atomic(reason_path, (json.dumps(record, indent=2) + "\n").encode(), mode=0o600)
         except OSError as exc:  # disk full: the node's state still records the reason
-            tmp.unlink(missing_ok=True)
             log.error(
                 "quarantine reason file not written for file %s: %s", path_tag(src), exc.strerror
             )
