@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_node.errors import ConfigError
 from edge_node.layout import StateLayout
-from fl_protocol.config_types import build_section, read_toml
+from fl_protocol.config_types import build_section, dump_toml, read_toml
 from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
@@ -427,6 +428,24 @@ def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) 
     """Read ``node.toml``; ``overrides`` (from CLI flags) win over the file, per section/key."""
     raw = read_toml(path, overrides, ConfigError)
     return config_from_dict(raw, Path(path).resolve().parent, source=Path(path))
+
+
+def minimal_toml(node_id: str, **sections: Mapping[str, Any]) -> str:
+    """A node.toml with the four folders beside it (inbox, state, quarantine, models) and the
+    given sections merged in (``api={"port": 0}``): what tests, benchmarks and the demo start
+    from. ``default_toml`` is the commented file `fedscan node init` writes."""
+    doc: dict[str, Any] = {
+        "node_id": node_id,
+        "paths": {
+            "inbox": "inbox",
+            "state_dir": "state",
+            "quarantine_dir": "quarantine",
+            "model_dir": "models",
+        },
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return dump_toml(doc)
 
 
 def default_toml(node_id: str = "node1") -> str:

@@ -16,9 +16,10 @@ file's folder, a nested table) is the daemon's ``convert``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,3 +134,33 @@ def build_section(
         return cls(**kwargs)
     except TypeError as exc:
         raise error(f"[{section}]: {exc}") from exc
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(doc: Mapping[str, Any], _prefix: str = "") -> str:
+    """A small TOML writer for config files: scalars and lists first, then (nested) tables;
+    ``None`` values are left out (TOML has no null)."""
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in doc.items()
+        if v is not None and not isinstance(v, dict)
+    ]
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            name = f"{_prefix}{k}"
+            lines += ["", f"[{name}]"]
+            body = dump_toml(v, f"{name}.").strip("\n")
+            if body:
+                lines.append(body)
+    return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ from coordinator.config import load_config
 from coordinator.model_init import ensure_initial_version, torch_model_source
 from coordinator.service import read_broker_port
 from coordinator.state import State
+from edge_node.config import minimal_toml
 from edge_node.ingest.preprocess import patient_key
 from edge_node.train.split import VAL, side_of
 from fedscan.brokers.mosquitto import Mosquitto
@@ -201,43 +202,34 @@ class Coordinator:
 
 
 # The node.toml sections every federated test node shares (all but [federation]).
-NODE_LOCAL = """node_id = "{node}"
-[paths]
-inbox = "inbox"
-state_dir = "state"
-quarantine_dir = "quarantine"
-model_dir = "models"
-[inference]
-intra_op_threads = 1
-[api]
-port = 0
-[training]
-arch = "cnn2d"
-epochs = 1
-batch_size = 4
-val_fraction = 0.5
-augment = false
-early_stopping_patience = 0
-torch_threads = 1
-nice = 5
-[series]
-chest_only = false  # the slices are the real head CT 693_UNCR standing for "a CT slice"
-"""
+# the slices are the real head CT 693_UNCR standing for "a CT slice": no chest-only filter
+NODE_LOCAL: dict[str, dict[str, Any]] = {
+    "inference": {"intra_op_threads": 1},
+    "api": {"port": 0},
+    "training": {
+        "arch": "cnn2d",
+        "epochs": 1,
+        "batch_size": 4,
+        "val_fraction": 0.5,
+        "augment": False,
+        "early_stopping_patience": 0,
+        "torch_threads": 1,
+        "nice": 5,
+    },
+    "series": {"chest_only": False},
+}
 
 
 def node_toml(node_id: str, broker_url: str, keys: Path | None, trust: Path | None = None) -> str:
     """``keys``: provisioned keys (the node signs its updates); else ``trust`` holds only the
     coordinator's public key (see coordinator_key), which a federation node always needs."""
-    signing = f'coordinator_public_key = "{trust}/coordinator.pub"\n' if trust else ""
+    federation: dict[str, Any] = {"enabled": True, "federation": FEDERATION, "broker": broker_url}
+    if trust:
+        federation["coordinator_public_key"] = f"{trust}/coordinator.pub"
     if keys is not None:
-        signing = (
-            f'signing_key = "{keys}/{node_id}.key"\n'
-            f'coordinator_public_key = "{keys}/coordinator.pub"\n'
-        )
-    return NODE_LOCAL.format(node=node_id) + (
-        f'[federation]\nenabled = true\nfederation = "{FEDERATION}"\n'
-        f'broker = "{broker_url}"\n{signing}'
-    )
+        federation["signing_key"] = f"{keys}/{node_id}.key"
+        federation["coordinator_public_key"] = f"{keys}/coordinator.pub"
+    return minimal_toml(node_id, **NODE_LOCAL, federation=federation)
 
 
 def labelled_inbox(inbox: Path, node_id: str) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 from coordinator.config import BrokerConfig, CoordinatorConfig, ModelConfig, RoundsConfig
 from coordinator.onnx_artifact import torch_onnx_exporter
 from coordinator.service import CoordinatorService, mqtt_settings
+from edge_node.config import minimal_toml
 from edge_node.serve.inference import OnnxModel
 from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
@@ -98,14 +99,21 @@ def node_toml(folder: Path, node_id: str, port: int, coordinator_pub: Path) -> P
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "inbox").mkdir(exist_ok=True)
     path = folder / "node.toml"
+    federation = {
+        "enabled": True,
+        "federation": FEDERATION,
+        "broker": f"mqtt://127.0.0.1:{port}",
+        "coordinator_public_key": str(coordinator_pub),
+    }
+    # the CT sample is a head scan: the default chest-only filter would skip it
     path.write_text(
-        f'node_id = "{node_id}"\n[paths]\ninbox = "inbox"\nstate_dir = "state"\n'
-        'quarantine_dir = "quarantine"\nmodel_dir = "models"\n[inference]\n'
-        "intra_op_threads = 1\n[api]\nport = 0\n[federation]\nenabled = true\n"
-        f'federation = "{FEDERATION}"\nbroker = "mqtt://127.0.0.1:{port}"\n'
-        f'coordinator_public_key = "{coordinator_pub}"\n'
-        # the CT sample is a head scan: the default chest-only filter would skip it
-        "[series]\nchest_only = false\n"
+        minimal_toml(
+            node_id,
+            inference={"intra_op_threads": 1},
+            api={"port": 0},
+            federation=federation,
+            series={"chest_only": False},
+        )
     )
     return path
 

@@ -40,6 +40,7 @@ import pytest
 from coordinator.config import load_config
 from coordinator.model_init import ensure_initial_version, torch_model_source
 from coordinator.state import State
+from edge_node.config import minimal_toml
 from fedscan.brokers.mosquitto import Mosquitto, free_port
 from fedscan.provision import BROKER, provision
 from fl_protocol import topics
@@ -84,7 +85,8 @@ def kit_node(kits: Path, node: str) -> FedNode:
     federation = (kit / "node.toml").read_text().partition("\n[federation]\n")[2]
     assert "mqtts://" in federation and "cert_file" in federation
     fed = FedNode(kit, node, "unused")  # writes the labelled inbox (and a node.toml we replace)
-    (kit / "node.toml").write_text(NODE_LOCAL.format(node=node) + "[federation]\n" + federation)
+    local = minimal_toml(node, **NODE_LOCAL)
+    (kit / "node.toml").write_text(local + "\n[federation]\n" + federation)
     return fed
 
 

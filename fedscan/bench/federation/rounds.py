@@ -86,29 +86,27 @@ def worker_idle(node_pid: int, quiet_s: float = 1.0) -> bool:
 
 def node_toml(node_id: str, broker_url: str, trust: Path) -> str:
     """``trust``: the folder holding the coordinator's public key (coordinator_keys)."""
-    return f"""node_id = "{node_id}"
-[paths]
-inbox = "inbox"
-state_dir = "state"
-quarantine_dir = "quarantine"
-model_dir = "models"
-[inference]
-intra_op_threads = 1
-[api]
-port = 0
-[training]
-arch = "cnn2d"
-epochs = 1
-batch_size = 8
-val_fraction = 0.3
-early_stopping_patience = 0
-torch_threads = 1
-[federation]
-enabled = true
-federation = "{FEDERATION}"
-broker = "{broker_url}"
-coordinator_public_key = "{trust}/coordinator.pub"
-"""
+    from edge_node.config import minimal_toml
+
+    return minimal_toml(
+        node_id,
+        inference={"intra_op_threads": 1},
+        api={"port": 0},
+        training={
+            "arch": "cnn2d",
+            "epochs": 1,
+            "batch_size": 8,
+            "val_fraction": 0.3,
+            "early_stopping_patience": 0,
+            "torch_threads": 1,
+        },
+        federation={
+            "enabled": True,
+            "federation": FEDERATION,
+            "broker": broker_url,
+            "coordinator_public_key": f"{trust}/coordinator.pub",
+        },
+    )
 
 
 def labelled_inboxes(work: Path, nodes: list[str], slices_per_node: int) -> dict[str, int]:
