@@ -21,6 +21,7 @@ from edge_node.config import NodeConfig, load_config
 from edge_node.daemon import Daemon
 from edge_node.errors import ConfigError
 from tests.helpers.onnx_models import make_classifier
+from tests.helpers.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,15 +82,6 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _wait(predicate: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def test_a_refused_model_file_is_moved_aside_and_shown(tmp_path: Path) -> None:
     """current.onnx is overwritten with a broken file: the node keeps serving version 1, the
     broken file goes to models/refused/ with a reason, current.onnx holds version 1 again,
@@ -103,12 +95,12 @@ def test_a_refused_model_file_is_moved_aside_and_shown(tmp_path: Path) -> None:
         port = int((cfg.paths.state_dir / "api.port").read_text())
         refused_dir = cfg.paths.model_dir / "refused"
         current.write_bytes(b"half a model")
-        _wait(lambda: refused_dir.is_dir() and any(refused_dir.glob("*.onnx")))
+        wait_for(lambda: refused_dir.is_dir() and any(refused_dir.glob("*.onnx")))
         (moved,) = refused_dir.glob("*.onnx")
         assert moved.read_bytes() == b"half a model"
         reason = moved.with_name(moved.name.removesuffix(".onnx") + ".reason.json")
         assert "cannot load model" in reason.read_text()
-        _wait(lambda: current.is_file() and _sha(current) == v1)
+        wait_for(lambda: current.is_file() and _sha(current) == v1)
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         assert health["status"] == "ok" and health["model_version"] == "1"
         refusal = health["model_refused"]
@@ -147,7 +139,7 @@ def test_an_inbox_that_vanishes_while_running_is_shown_and_nothing_is_redone(
         def row() -> dict | None:
             return node.store.file(str(slice_path.resolve()))
 
-        _wait(lambda: row() is not None)
+        wait_for(lambda: row() is not None)
         first = row()
         aside = tmp_path / "unmounted"
         os.rename(inbox, aside)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from edge_node.daemon import Daemon
 from edge_node.errors import ConfigError
 from edge_node.retention import DAY_S, sweep
 from tests.helpers.onnx_models import make_classifier
+from tests.helpers.wait import eventually
 
 
 def _file(path: Path, age_days: float, now: float) -> Path:
@@ -78,9 +78,9 @@ def test_running_daemon_sweeps_by_itself(tmp_path: Path) -> None:
     fresh = _file(uploads / "fresh.dcm", 0, time.time())
     d = _daemon_again(toml)
     try:
-        assert _wait(lambda: not left.exists()), "no sweep at start"
+        assert eventually(lambda: not left.exists()), "no sweep at start"
         later = _file(uploads / "later.dcm", 8, time.time())
-        assert _wait(lambda: not later.exists()), "the periodic sweep did not run"
+        assert eventually(lambda: not later.exists()), "the periodic sweep did not run"
         assert fresh.exists() and d.retention.sweeps >= 2
     finally:
         d.shutdown(10)
@@ -91,12 +91,3 @@ def _daemon_again(toml: Path) -> Daemon:
     d = Daemon(cfg)
     d.start()
     return d
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())

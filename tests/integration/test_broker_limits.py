@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fl_protocol.broker import MAX_QUEUED_BYTES, EmbeddedBroker
+from tests.helpers.wait import eventually
 from tests.integration.test_embedded_broker import Raw
-from tests.integration.transport_scenarios import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_an_offline_session_keeps_at_most_its_byte_limit_newest_first(
         time.sleep(0.3)
         assert [m.payload[0] for m in back.got] == [16, 17, 18, 19] and len(got) == 4
         back.close()
-        assert wait_until(lambda: broker.queued("sleepy") == (0, 0), 5)
+        assert eventually(lambda: broker.queued("sleepy") == (0, 0), 5)
         assert "16 messages had been dropped" in caplog.text
 
 

@@ -22,6 +22,7 @@ from coordinator.state import State
 from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode, NodeThread, tiny_source
+from tests.helpers.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -59,27 +60,6 @@ def start_coordinator(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env=env,
         )
-
-
-def wait_for(
-    predicate: Any,
-    timeout: float,
-    what: str,
-    proc: subprocess.Popen[bytes] | None = None,
-    log: Path | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            # The coordinator exits right after publishing the last global model (retained on
-            # the broker); the node threads may still be handling it: give them a grace period.
-            deadline = min(deadline, time.monotonic() + 15.0)
-            proc = None
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 def make_nodes(port: int, names: str, samples: dict[str, int]) -> dict[str, NodeThread]:
@@ -171,7 +151,14 @@ def run_two_rounds(config: Path, tmp_path: Path, port: int | None, timeout: floa
     threads: dict[str, NodeThread] = {}
     try:
         if port is None:  # embedded broker: its port appears once it listens
-            wait_for(lambda: read_broker_port(state_dir) is not None, timeout, "broker", proc, log)
+            wait_for(
+                lambda: read_broker_port(state_dir) is not None,
+                timeout,
+                "broker",
+                (log,),
+                (proc,),
+                exit_grace_s=15.0,
+            )
             port = read_broker_port(state_dir)
         assert port is not None
         threads = make_nodes(port, "abc", {"a": 10, "b": 20, "c": 30})
@@ -179,7 +166,7 @@ def run_two_rounds(config: Path, tmp_path: Path, port: int | None, timeout: floa
             t.node.connect()
             t.start()
         done = lambda: all(t.finished.is_set() for t in threads.values())  # noqa: E731
-        wait_for(done, timeout, "two rounds", proc, log)
+        wait_for(done, timeout, "two rounds", (log,), (proc,), exit_grace_s=15.0)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -231,7 +218,14 @@ def test_coordinator_killed_mid_round_resumes_on_mosquitto(
         for name in "ab":
             threads[name].node.connect()
             threads[name].start()
-        wait_for(lambda: accepted(cfg.state_dir, 1) >= 2, 60, "two updates", proc, log)
+        wait_for(
+            lambda: accepted(cfg.state_dir, 1) >= 2,
+            60,
+            "two updates",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert State(cfg.state_dir, readonly=True).round(1).status == "collecting"
@@ -240,7 +234,12 @@ def test_coordinator_killed_mid_round_resumes_on_mosquitto(
         wait_for(lambda: 1 in threads["c"].node.pending, 30, "node c to send its update")
         proc = start_coordinator(config, log)
         wait_for(
-            lambda: all(t.finished.is_set() for t in threads.values()), 90, "two rounds", proc, log
+            lambda: all(t.finished.is_set() for t in threads.values()),
+            90,
+            "two rounds",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
         )
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
@@ -270,14 +269,21 @@ def test_mosquitto_restarted_mid_round_the_round_still_completes(tmp_path: Path)
             for name in "ab":
                 threads[name].node.connect()
                 threads[name].start()
-            wait_for(lambda: accepted(state_dir, 1) >= 2, 60, "two updates", proc, log)
+            wait_for(
+                lambda: accepted(state_dir, 1) >= 2,
+                60,
+                "two updates",
+                (log,),
+                (proc,),
+                exit_grace_s=15.0,
+            )
             broker.stop()
             time.sleep(1.0)
             broker.start()
             threads["c"].node.connect()
             threads["c"].start()
             done = lambda: all(t.finished.is_set() for t in threads.values())  # noqa: E731
-            wait_for(done, 90, "two rounds", proc, log)
+            wait_for(done, 90, "two rounds", (log,), (proc,), exit_grace_s=15.0)
             assert proc.wait(60) == 0, log.read_text()[-3000:]
         finally:
             if proc.poll() is None:

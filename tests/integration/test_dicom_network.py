@@ -20,7 +20,8 @@ from fedscan.bench.dicom import SR_PREFIX, set_toml
 from fedscan.bench.dicom_peers import RecordingScp, dcmtk, dcmtk_available, echo, free_port
 from tests.helpers.dicom_factory import sample_path, write_secondary_capture, write_series
 from tests.helpers.onnx_models import make_classifier
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.helpers.wait import wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = [
     pytest.mark.integration,

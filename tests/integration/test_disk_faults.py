@@ -32,8 +32,9 @@ from fl_protocol.schemas import GlobalManifest
 from fl_protocol.signing import generate_keypair, save_public_key, sign_manifest
 from tests.helpers.dicom_factory import sample_path, write_ct
 from tests.helpers.onnx_models import make_classifier
+from tests.helpers.wait import wait_for
 from tests.integration.fault_helpers import audit_cli, check_sqlite, one_prediction_per_slice
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 

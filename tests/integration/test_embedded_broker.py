@@ -18,7 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fl_protocol.broker import EmbeddedBroker
-from tests.integration.transport_scenarios import SCENARIOS, BrokerLike, Inbox, client, wait_until
+from tests.helpers.wait import eventually
+from tests.integration.transport_scenarios import SCENARIOS, BrokerLike, Inbox, client
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ class Raw:
     def sub(self, topic_filter: str, qos: int = 1) -> None:
         n = len(self.subacks)
         self.c.subscribe(topic_filter, qos)
-        assert wait_until(lambda: len(self.subacks) > n, 10)
+        assert eventually(lambda: len(self.subacks) > n, 10)
 
     def wait(self, n: int, timeout: float = 10) -> list[mqtt.MQTTMessage]:
         with self.cv:

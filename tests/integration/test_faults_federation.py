@@ -40,6 +40,7 @@ from fl_protocol.errors import TransportError
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.conftest import ReliabilityProfile
 from tests.coordinator.fakes import FakeNode, NodeThread
+from tests.helpers.wait import wait_for
 from tests.integration.fault_helpers import REPO
 from tests.integration.test_coordinator_rounds import (
     FEDERATION,
@@ -48,7 +49,6 @@ from tests.integration.test_coordinator_rounds import (
     seed_state,
     start_coordinator,
     stop_all,
-    wait_for,
     write_config,
 )
 
@@ -173,7 +173,14 @@ def test_coordinator_sigkilled_at_a_phase_resumes_and_counts_each_update_once(
         assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
         assert not all_finished(threads)
         proc = start_coordinator(config, log)
-        wait_for(lambda: all_finished(threads), 90, "two rounds after the restart", proc, log)
+        wait_for(
+            lambda: all_finished(threads),
+            90,
+            "two rounds after the restart",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
+        )
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -206,7 +213,14 @@ def test_coordinator_sigkilled_twice_while_aggregating(
             if again is not None:
                 proc = start_driver(config, again, log)
         proc = start_coordinator(config, log)
-        wait_for(lambda: all_finished(threads), 90, "two rounds after the restarts", proc, log)
+        wait_for(
+            lambda: all_finished(threads),
+            90,
+            "two rounds after the restarts",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
+        )
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -241,14 +255,28 @@ def broker_outage_mid_round(tmp_path: Path, broker: Mosquitto, outage_s: float) 
     proc = start_coordinator(config, log)
     try:
         start_nodes(threads)
-        wait_for(lambda: accepted(state_dir, 1) >= 1, 60, "a first update", proc, log)
+        wait_for(
+            lambda: accepted(state_dir, 1) >= 1,
+            60,
+            "a first update",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
+        )
         broker.stop()
         at_stop = accepted(state_dir, 1)
         time.sleep(outage_s)
         assert proc.poll() is None, "the coordinator died while the broker was away"
         broker.start()
         timeout = 120 + outage_s
-        wait_for(lambda: all_finished(threads), timeout, "two rounds after the outage", proc, log)
+        wait_for(
+            lambda: all_finished(threads),
+            timeout,
+            "two rounds after the outage",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
+        )
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:

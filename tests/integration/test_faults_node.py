@@ -29,6 +29,7 @@ from fedscan.brokers.mosquitto import Mosquitto
 from tests.conftest import ReliabilityProfile
 from tests.helpers.dicom_factory import write_ct
 from tests.helpers.onnx_models import make_classifier
+from tests.helpers.wait import wait_for
 from tests.integration.fault_helpers import (
     REPO,
     FileWriter,
@@ -38,7 +39,7 @@ from tests.integration.fault_helpers import (
     one_prediction_per_slice,
     query,
 )
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 
@@ -287,13 +288,13 @@ def test_kill_9_during_training_and_during_upload(tmp_path: Path, mosquitto: Mos
     ack (the coordinator is paused with SIGSTOP meanwhile). After restarts a trains again, b
     resends without training again, the round aggregates with both counted once, and both
     serve global v1. Slow: two nodes export and train with torch (minutes on two cores)."""
+    from tests.helpers.wait import wait_for as fwait
     from tests.integration.test_federation_rounds import (
         TIMEOUT,
         Coordinator,
         FedNode,
         write_coordinator,
     )
-    from tests.integration.test_federation_rounds import wait_for as fwait
 
     url = f"mqtt://127.0.0.1:{mosquitto.port}"
     coord = Coordinator(write_coordinator(tmp_path / "coordinator", url, "ab", num_rounds=1))

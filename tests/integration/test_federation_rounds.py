@@ -23,8 +23,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from fedscan.brokers.mosquitto import Mosquitto
 from fl_protocol.signing import generate_keypair, save_private_key, save_public_key
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
 from tests.helpers.training import write_slice
+from tests.helpers.wait import wait_for
 from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
@@ -48,27 +48,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 FEDERATION = "fedint"
 TIMEOUT = 240.0  # generous: two cores shared with the rest of the suite
-
-
-def wait_for(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    logs: tuple[Path, ...] = (),
-    procs: tuple[subprocess.Popen[bytes], ...] = (),
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.1)
-    tails = "\n".join(
-        f"--- {p}\n{p.read_text(errors='replace')[-2500:]}" for p in logs if p.exists()
-    )
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
 # -- coordinator ---------------------------------------------------------------------------------

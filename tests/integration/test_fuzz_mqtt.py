@@ -37,7 +37,8 @@ from tests.coordinator.fakes import FakeNode, NodeThread, make_delta
 from tests.coordinator.test_rounds import World
 from tests.helpers.dicom_factory import write_ct
 from tests.helpers.onnx_models import make_classifier
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.helpers.wait import wait_for
+from tests.integration.node_process import NodeProcess
 from tests.integration.test_coordinator_rounds import (
     FEDERATION,
     seed_state,

@@ -26,7 +26,8 @@ from tests.helpers.dicom_factory import (
     write_garbage,
 )
 from tests.helpers.onnx_models import make_classifier
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.helpers.wait import wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ import pytest
 from edge_node.ingest.preprocess import prepare, read_meta
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path, write_ct, write_garbage
 from tests.helpers.onnx_models import make_classifier
-from tests.integration.node_process import REPO, NodeProcess, wait_for
+from tests.helpers.wait import wait_for
+from tests.integration.node_process import REPO, NodeProcess
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,8 @@ from PIL import Image
 from tests.helpers.cdp import CHROMIUM, Browser, Page
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.study_factory import new_study, write_chest_series, write_head_series
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.helpers.wait import wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 

@@ -15,13 +15,13 @@ from coordinator.state import State
 from coordinator.strategy.utils import is_counter, l2_norm
 from fedscan.brokers.mosquitto import Mosquitto
 from tests.coordinator.fakes import tiny_weights
+from tests.helpers.wait import wait_for
 from tests.integration.test_coordinator_rounds import (
     make_nodes,
     seed_state,
     start_coordinator,
     status_json,
     stop_all,
-    wait_for,
     write_config,
 )
 
@@ -63,7 +63,14 @@ def test_three_nodes_one_hostile_every_round_completes_from_the_other_two(
             t.node.connect()
             t.start()
         honest = (threads["a"], threads["b"])
-        wait_for(lambda: all(t.finished.is_set() for t in honest), 90, "two rounds", proc, log)
+        wait_for(
+            lambda: all(t.finished.is_set() for t in honest),
+            90,
+            "two rounds",
+            (log,),
+            (proc,),
+            exit_grace_s=15.0,
+        )
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from fl_protocol.signing import generate_keypair, save_private_key, save_public_
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
+from tests.helpers.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -84,17 +85,6 @@ def predict_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin"
 
 
-def wait_for(predicate: Callable[[], Any], what: str, logs: tuple[Path, ...] = ()) -> Any:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    tails = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
 def node_toml(folder: Path, node_id: str, port: int, coordinator_pub: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "inbox").mkdir(exist_ok=True)
@@ -139,7 +129,10 @@ class Workstation:
             )
         port_file = self.folder / "state" / "api.port"
         wait_for(
-            lambda: port_file.exists() or self.proc.poll() is not None, "api.port", (self.log,)
+            lambda: port_file.exists() or self.proc.poll() is not None,
+            TIMEOUT,
+            "api.port",
+            (self.log,),
         )  # type: ignore[union-attr]
         assert self.proc.poll() is None, self.log.read_text()
         self.port = int(port_file.read_text())
@@ -245,11 +238,13 @@ def test_a_predict_only_workstation_follows_three_rounds(
     logs = (ward.log,)
 
     for version in range(4):
-        wait_for(lambda v=version: ward.served() == str(v), f"the ward serving v{version}", logs)  # type: ignore[misc]
+        wait_for(
+            lambda v=version: ward.served() == str(v), TIMEOUT, f"the ward serving v{version}", logs
+        )  # type: ignore[misc]
         uid = copy_with_new_uid(
             sample_path(CT_SAMPLE), ward.folder / "inbox" / f"after-v{version}.dcm"
         )
-        wait_for(lambda u=uid: ward.predicted_by(u), f"a prediction by v{version}", logs)  # type: ignore[misc]
+        wait_for(lambda u=uid: ward.predicted_by(u), TIMEOUT, f"a prediction by v{version}", logs)  # type: ignore[misc]
         assert ward.predicted_by(uid) == str(version)
         if version == 3:
             break
@@ -261,10 +256,11 @@ def test_a_predict_only_workstation_follows_three_rounds(
                 and trainer.manifest.round.round == r
                 and trainer.manifest
             ),
+            TIMEOUT,
             f"round {rnd} open",
         )
         assert m.version == version and m.onnx is not None  # signed, with the ONNX artifact
-        weights = wait_for(lambda: _weights_or_none(trainer), f"v{version} weights")
+        weights = wait_for(lambda: _weights_or_none(trainer), TIMEOUT, f"v{version} weights")
         rng = np.random.default_rng(rnd)
         delta = {
             k: np.array(1.0, np.float32)
@@ -274,7 +270,7 @@ def test_a_predict_only_workstation_follows_three_rounds(
         }
         trainer.send_update(delta, 10, chunk_size=64 * 1024)
         wait_for(lambda r=rnd: (a := trainer.last_ack(r)) is not None and a.status == "complete",
-                 f"round {rnd} acknowledged")  # fmt: skip
+                 TIMEOUT, f"round {rnd} acknowledged")  # fmt: skip
 
     coordinator.join(60)
     assert not coordinator.is_alive() and outcome == [0, True]

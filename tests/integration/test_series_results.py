@@ -16,7 +16,8 @@ import pytest
 from tests.helpers.dicom_factory import sample_path, write_series
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.study_factory import new_study, write_chest_series
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.helpers.wait import wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 

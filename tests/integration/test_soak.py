@@ -31,13 +31,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from tests.conftest import ReliabilityProfile, soak_slices
 from tests.helpers.dicom_factory import sample_path
 from tests.helpers.onnx_models import make_classifier
+from tests.helpers.wait import wait_for
 from tests.integration.fault_helpers import (
     ProcessSampler,
     audit_cli,
     check_sqlite,
     one_prediction_per_slice,
 )
-from tests.integration.node_process import NodeProcess, wait_for
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 
@@ -205,13 +206,13 @@ def test_soak_5000_slices_while_rounds_run(tmp_path: Path) -> None:
     the soak), installs each new global model (cnn2d, ONNX export, hot swap) and keeps
     predicting; the soak figures cover the daemon process."""
     from coordinator.service import read_broker_port
+    from tests.helpers.wait import wait_for as fwait
     from tests.integration.test_federation_rounds import (
         TIMEOUT,
         Coordinator,
         FedNode,
         write_coordinator,
     )
-    from tests.integration.test_federation_rounds import wait_for as fwait
 
     rounds = 8
     config = write_coordinator(

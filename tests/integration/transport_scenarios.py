@@ -16,6 +16,7 @@ import pytest
 
 from fl_protocol.errors import TransportError
 from fl_protocol.transport import Message, MqttSettings, PahoTransport
+from tests.helpers.wait import eventually
 
 
 class BrokerLike(Protocol):
@@ -51,15 +52,6 @@ class Inbox:
     def payloads(self) -> list[bytes]:
         with self._cv:
             return [m.payload for m in self.messages]
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def client(port: int, client_id: str, **kw: object) -> PahoTransport:
@@ -100,12 +92,12 @@ def restart_reconnects_and_resubscribes(broker: BrokerLike) -> None:
         pub.publish("fl/d/round/1/update/a/manifest", b"before")
         assert inbox.wait_for(lambda ms: b"before" in [m.payload for m in ms])
         broker.stop()
-        assert wait_until(lambda: not sub.is_connected and not pub.is_connected)
+        assert eventually(lambda: not sub.is_connected and not pub.is_connected)
         with pytest.raises(TransportError, match="not connected"):
             pub.publish("fl/d/round/1/update/a/chunk/0", b"while down")
         broker.start()
-        assert wait_until(lambda: sub.is_connected and pub.is_connected)
-        assert wait_until(lambda: len(connects) == 2)
+        assert eventually(lambda: sub.is_connected and pub.is_connected)
+        assert eventually(lambda: len(connects) == 2)
         pub.publish("fl/d/round/1/update/a/chunk/0", b"after")
         assert inbox.wait_for(lambda ms: b"after" in [m.payload for m in ms])
     finally:
