@@ -142,8 +142,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue  # a package left out of this installation
+            # Only a missing train extra is expected; a mistyped or missing module of ours is a
+            # broken build and fails here, loudly.
             if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
                 raise
             _needs_train_parser(sub, name)

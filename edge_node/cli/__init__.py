@@ -1,6 +1,7 @@
 """`fedscan node ...`: subcommands registered by the modules that own them.
 
-Each module in ``SUBCOMMANDS`` exposes ``add_subcommands(sub)``; imports stay light (no torch).
+Each module in ``SUBCOMMANDS`` exposes ``add_parser(sub)``, like every command module of
+``fedscan.cli``; imports stay light (no torch). A module that cannot be imported is an error.
 """
 
 from __future__ import annotations
@@ -22,13 +23,7 @@ def add_parser(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser("node", help="edge node daemon and tools")
     node_sub = parser.add_subparsers(dest="node_command", metavar="NODE_COMMAND")
     for module in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue  # not built yet
-            raise
-        mod.add_subcommands(node_sub)
+        importlib.import_module(module).add_parser(node_sub)
 
     def _help(_args: argparse.Namespace) -> int:
         parser.print_help()

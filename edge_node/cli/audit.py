@@ -180,8 +180,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if report.complete or not args.strict else SOME_INPUTS_FAILED
 
 
-def add_subcommands(node_sub: Any) -> None:
-    p = node_sub.add_parser("audit", help="compare the inbox with the node's recorded outcomes")
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("audit", help="compare the inbox with the node's recorded outcomes")
     p.add_argument("--config", required=True, help="node.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--strict", action="store_true", help="exit 9 when files are missing")

@@ -58,14 +58,14 @@ def _run(args: argparse.Namespace) -> int:
     return Daemon(config).run()
 
 
-def add_subcommands(node_sub: Any) -> None:
-    p = node_sub.add_parser("init", help="write DIR/node.toml with defaults and create folders")
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("init", help="write DIR/node.toml with defaults and create folders")
     p.add_argument("dir", help="node folder (inbox, state, quarantine and models go inside)")
     p.add_argument("--node-id", default="node1", help="node id (letters, digits, - and _)")
     p.add_argument("--force", action="store_true", help="overwrite an existing node.toml")
     p.set_defaults(func=_init)
 
-    r = node_sub.add_parser("run", help="run the edge node daemon (SIGTERM drains and exits 0)")
+    r = sub.add_parser("run", help="run the edge node daemon (SIGTERM drains and exits 0)")
     r.add_argument("--config", required=True, help="node.toml")
     r.add_argument("--model", help="ONNX model to serve (default <model_dir>/current.onnx)")
     r.add_argument("--api-port", type=int, help="API port (0 = any free port)")

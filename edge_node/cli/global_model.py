@@ -72,12 +72,12 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(node_sub: Any) -> None:
-    s = node_sub.add_parser("sync", help="fetch, verify and install the current global model once")
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("sync", help="fetch, verify and install the current global model once")
     s.add_argument("--config", required=True, help="node.toml")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     s.set_defaults(func=_sync)
 
-    r = node_sub.add_parser("rollback", help="serve previous.onnx again")
+    r = sub.add_parser("rollback", help="serve previous.onnx again")
     r.add_argument("--config", required=True, help="node.toml")
     r.set_defaults(func=_rollback)

@@ -124,8 +124,8 @@ def _run_labels(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(node_sub: Any) -> None:
-    p = node_sub.add_parser("label", help="record radiologist labels (covid / non_covid)")
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("label", help="record radiologist labels (covid / non_covid)")
     p.add_argument("--config", required=True, help="node.toml")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--csv", help="CSV with label and sop_instance_uid or path columns")
@@ -145,7 +145,7 @@ def add_subcommands(node_sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run_label)
 
-    q = node_sub.add_parser("labels", help="count the node's labels (per class, source, split)")
+    q = sub.add_parser("labels", help="count the node's labels (per class, source, split)")
     q.add_argument("--config", required=True, help="node.toml")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_run_labels)

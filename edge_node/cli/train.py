@@ -69,8 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(node_sub: Any) -> None:
-    p = node_sub.add_parser("train", help="train once on the local labels (low-priority worker)")
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train once on the local labels (low-priority worker)")
     p.add_argument("--config", required=True, help="node.toml")
     p.add_argument("--epochs", type=int, help="override training.epochs")
     p.add_argument("--mode", choices=MODES, help="override training.mode")

@@ -1,7 +1,8 @@
 """`fedscan bench inference|train|federation`: each subcommand lives in its own module.
 
-The modules are imported when the parser is built (their top level is light); a module not
-written yet, or whose optional extra is missing, still gets a subcommand that says so.
+Each benchmark module exposes ``add_arguments(parser)`` and ``run(args)``; the modules are
+imported when the parser is built (their top level is light). One whose optional extra is
+missing still gets a subcommand that says so; a module of ours that cannot be found is an error.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ def add_parser(sub: Any) -> None:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name == module:
-                why = f"{module} is not part of this build"
-            else:
-                why = f"missing dependency {exc.name} (install fedscan[train])"
+            if (exc.name or "").split(".")[0] in {"fedscan", "edge_node", "coordinator", "export"}:
+                raise  # a mistyped module path or a broken build, not a missing extra
+            why = f"missing dependency {exc.name} (install fedscan[train])"
             p.set_defaults(func=_unavailable(name, why))
             continue
         mod.add_arguments(p)

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from fedscan.cli import main
-
-
-def test_missing_benchmark_module_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from fedscan.bench.cli import BENCHMARKS
-
-    missing = [n for n, (mod, _) in BENCHMARKS.items() if importlib.util.find_spec(mod) is None]
-    if not missing:
-        pytest.skip("every benchmark module exists in this build")
-    assert main(["bench", missing[0]]) == 5
-    assert "not part of this build" in capsys.readouterr().err
 
 
 @pytest.mark.slow
