@@ -1,16 +1,15 @@
-"""The disk spool of accepted updates and the atomic file writes the state relies on.
+"""The disk spool of accepted updates: one safetensors file per update, read tensor by tensor.
 
 An accepted update is spooled exactly as it arrived: the verified, still-encoded codec payload
-(safetensors with ``fl_protocol.codecs`` metadata), written atomically (temp file, fsync,
-rename, fsync of the directory). That keeps the spool as small as the wire format (an int8
+(safetensors with ``fl_protocol.codecs`` metadata), written atomically (``write_atomic``: temp file,
+fsync, rename, fsync of the directory). That keeps the spool as small as the wire format (an int8
 resnet18 delta is ~11 MB, not 45) and costs nothing to write. Aggregation, including after a
-restart, decodes these files again one tensor at a time (:meth:`SpoolFile.tensor`: FedAvg and
-the strategies built on it fold each tensor in and drop it; the trimmed mean stacks one tensor
-of every node), never the whole file at once; :meth:`SpoolFile.load` decodes everything (tests,
-small files). Read tensor by tensor, a file is refused like the whole decode refuses it: a
-tensor that decodes to NaN or inf, a wrong dtype or scale, a tensor count that differs from the
-metadata. Plain float safetensors files (no codec metadata) are read as they are.
-"""
+restart, decodes these files again one tensor at a time (:meth:`SpoolFile.tensor`: FedAvg and the
+strategies built on it fold each tensor in and drop it; the trimmed mean stacks one tensor of every
+node), never the whole file at once; :meth:`SpoolFile.load` decodes everything (tests, small files).
+Read tensor by tensor, a file is refused like the whole decode refuses it: a tensor that decodes to
+NaN or inf, a wrong dtype or scale, a tensor count that differs from the metadata. Plain float
+safetensors files (no codec metadata) are read as they are. """
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ class WatcherConfig:
     use_events: bool = True  # inotify/watchdog events (FileClosedEvent = complete at once)
     poll_interval_s: float = 2.0  # polling fallback period (network shares have no events)
     quiet_period_s: float = 1.0  # size must be stable this long when no close event was seen
-    batch_size: int = 32  # slices per onnxruntime call during bursts
+    batch_size: int = 32  # ready files the pipeline takes per batch in a burst (slices per
+    # onnxruntime call: [inference] batch_size)
     batch_wait_ms: float = 5.0  # how long to gather a batch once the first file is ready
     extensions: tuple[str, ...] = (".dcm", ".dicom", ".ima", "")  # "" = files without suffix
     # Logs name files by a tag (sha256 of the path) unless this is on: then by their path

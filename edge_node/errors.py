@@ -3,7 +3,7 @@
     NodeError                   exit 1
     ├── ConfigError             exit 2   node.toml missing, unreadable or invalid; inbox missing;
     │                                    state dir in use by another node (pid named)
-    ├── InputError              exit 9*  one input file cannot be used (quarantined, never fatal)
+    ├── InputError              exit 1*  one input file cannot be used (quarantined, never fatal)
     │   ├── NotDicomError                not a DICOM file / cannot be parsed
     │   ├── PixelDecodeError             pixel data missing or undecodable
     │   └── SkippedInput                 valid DICOM we do not predict on (modality, SEG, ...)
@@ -14,7 +14,7 @@
     └── TrainingError           exit 6   local training cannot run (no labels, worker failed)
 
 * InputError never reaches the CLI from the daemon; `fedscan predict` reports it per file and
-  exits 9 when any input failed. A missing `train` extra is exit 8 (fedscan.errors). The one
+  exits 9 (``SOME_INPUTS_FAILED``) when any input failed. A missing `train` extra is exit 8 (fedscan.errors). The one
   table of exit codes is fedscan.errors.EXIT_CODES (README "Exit codes").
 """
 
