@@ -9,7 +9,7 @@ strategies built on it fold each tensor in and drop it; the trimmed mean stacks 
 node), never the whole file at once; :meth:`SpoolFile.load` decodes everything (tests, small files).
 Read tensor by tensor, a file is refused like the whole decode refuses it: a tensor that decodes to
 NaN or inf, a wrong dtype or scale, a tensor count that differs from the metadata. Plain float
-safetensors files (no codec metadata) are read as they are. """
+safetensors files (no codec metadata) are read as they are."""
 
 from __future__ import annotations
 

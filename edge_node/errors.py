@@ -14,8 +14,9 @@
     └── TrainingError           exit 6   local training cannot run (no labels, worker failed)
 
 * InputError never reaches the CLI from the daemon; `fedscan predict` reports it per file and
-  exits 9 (``SOME_INPUTS_FAILED``) when any input failed. A missing `train` extra is exit 8 (fedscan.errors). The one
-  table of exit codes is fedscan.errors.EXIT_CODES (README "Exit codes").
+  exits 9 (``SOME_INPUTS_FAILED``) when any input failed. A missing `train` extra is exit 8
+  (fedscan.errors). The one table of exit codes is fedscan.errors.EXIT_CODES (README "Exit
+  codes").
 """
 
 from __future__ import annotations
