@@ -300,7 +300,7 @@ class SeriesConfig:
     enabled: bool = True  # track series and make a verdict when one completes
     quiet_time_s: float = 30.0  # a series is complete this long after its last instance
     check_interval_s: float = 1.0  # how often the tracker looks for completed series
-    rule: str = "majority"  # series verdict rule (edge_node.series.verdict.RULES; README)
+    rule: str = "vote"  # series verdict rule (edge_node.series.verdict.RULES; README)
     top_k: int = 5  # slices the top_k_mean rule averages
     chest_only: bool = True  # skip non-chest images (head, abdomen, scouts) before inference
     min_lung_air: float = 0.05  # content probe: less lung-like air than this = not chest
@@ -322,7 +322,7 @@ class SeriesConfig:
 class ResultsConfig:
     """[results]: DICOM objects made per complete series, handed to the outbox."""
 
-    structured_report: bool = True  # a DICOM SR (Enhanced SR) with the verdict and references
+    structured_report: bool = True  # a TID 1500 SR (Comprehensive 3D SR): verdict, references
     secondary_capture: bool = True  # a summary image (key slices and their scores)
     key_slices: int = 4  # slices shown on the summary image (highest P(covid) first)
 
