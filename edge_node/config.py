@@ -481,18 +481,19 @@ broker = "mqtt://127.0.0.1:1883"
 # required once enabled: only global models signed with this key are used
 coordinator_public_key = "keys/coordinator.pub"
 
-[series]
-quiet_time_s = 30.0        # a series is complete this long after its last image
-rule = "vote"              # series verdict rule (README "Series verdicts and DICOM results")
-chest_only = true          # head, abdomen, scouts are skipped with a reason, never scored
-
-[retention]                # days; 0 keeps forever
-uploads_days = 7.0
-thumbnails_days = 7.0
-quarantine_days = 30.0
-
-# DICOM networking (README "DICOM networking"): uncomment to receive images by C-STORE
-# and send each series' SR + summary image back to the PACS.
+# Defaults of the sections below, shown commented; uncomment a section to change it.
+# [series]
+# quiet_time_s = 30.0      # a series is complete this long after its last image
+# rule = "vote"            # series verdict rule (README "Series verdicts and DICOM results")
+# chest_only = true        # head, abdomen, scouts are skipped with a reason, never scored
+#
+# [retention]              # days; 0 keeps forever
+# uploads_days = 7.0
+# thumbnails_days = 7.0
+# quarantine_days = 30.0
+#
+# DICOM networking (README "DICOM networking"): receive images by C-STORE and send each
+# series' SR + summary image back to the PACS.
 # [dicom.listener]
 # enabled = true
 # ae_title = "FEDSCAN"
