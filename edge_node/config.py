@@ -309,7 +309,7 @@ class SeriesConfig:
     enabled: bool = True  # track series and make a verdict when one completes
     quiet_time_s: float = 30.0  # a series is complete this long after its last instance
     check_interval_s: float = 1.0  # how often the tracker looks for completed series
-    rule: str = "majority"  # series verdict rule (edge_node.series.verdict.RULES; README)
+    rule: str = "vote"  # series verdict rule (edge_node.series.verdict.RULES; README)
     top_k: int = 5  # slices the top_k_mean rule averages
     chest_only: bool = True  # skip non-chest images (head, abdomen, scouts) before inference
     min_lung_air: float = 0.05  # content probe: less lung-like air than this = not chest
@@ -331,7 +331,7 @@ class SeriesConfig:
 class ResultsConfig:
     """[results]: DICOM objects made per complete series, handed to the outbox."""
 
-    structured_report: bool = True  # a DICOM SR (Enhanced SR) with the verdict and references
+    structured_report: bool = True  # a TID 1500 SR (Comprehensive 3D SR): verdict, references
     secondary_capture: bool = True  # a summary image (key slices and their scores)
     key_slices: int = 4  # slices shown on the summary image (highest P(covid) first)
 
@@ -489,4 +489,31 @@ federation = "demo"
 broker = "mqtt://127.0.0.1:1883"
 # required once enabled: only global models signed with this key are used
 coordinator_public_key = "keys/coordinator.pub"
+
+# Defaults of the sections below, shown commented; uncomment a section to change it.
+# [series]
+# quiet_time_s = 30.0      # a series is complete this long after its last image
+# rule = "vote"            # series verdict rule (README "Series verdicts and DICOM results")
+# chest_only = true        # head, abdomen, scouts are skipped with a reason, never scored
+#
+# [retention]              # days; 0 keeps forever
+# uploads_days = 7.0
+# thumbnails_days = 7.0
+# quarantine_days = 30.0
+#
+# DICOM networking (README "DICOM networking"): receive images by C-STORE and send each
+# series' SR + summary image back to the PACS.
+# [dicom.listener]
+# enabled = true
+# ae_title = "FEDSCAN"
+# host = "127.0.0.1"       # another host requires allowed_calling_aes
+# port = 11112
+# allowed_calling_aes = ["PACS"]
+#
+# [dicom.send_to]
+# enabled = true
+# ae_title = "PACS"
+# host = "pacs.example.org"
+# port = 104
+# calling_ae = "FEDSCAN"
 '''

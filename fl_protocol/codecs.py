@@ -132,7 +132,12 @@ class Int8Codec(Codec):
         if not np.all(np.isfinite(scale)) or np.any(scale < 0):
             raise CodecError(f"scale of {name!r} is negative or not finite")
         bcast = scale.reshape((-1,) + (1,) * (q.ndim - 1)) if scale.ndim else scale
-        return np.asarray(q.astype(np.float32) * bcast, dtype=np.float32)
+        # A hostile scale near float32 max overflows the product: refuse it, never warn.
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.asarray(q.astype(np.float32) * bcast, dtype=np.float32)
+        if not np.all(np.isfinite(out)):
+            raise CodecError(f"scale of {name!r} overflows float32 when decoded")
+        return out
 
 
 @register_codec("int8_channel")

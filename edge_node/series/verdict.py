@@ -10,7 +10,9 @@ picks one with ``[series] rule``.
     max         the highest slice P(covid) (one convincing slice suffices; many false alarms)
     top_k_mean  mean of the k highest P(covid) (k = min(top_k, n)): lesions show on some
                 slices only, so the highest few carry the evidence without one outlier deciding
-    majority    the fraction of slices at or above the model threshold, against 0.5
+    majority    the fraction of slices at or above the model threshold, against 0.5; when
+                most slices are themselves uncertain the series is uncertain (twelve slices
+                at P = 0.55 with threshold 0.5 and band 0.1 are not a confident covid call)
     vote        majority of the slices outside the uncertain band (the slices that are
                 themselves uncertain do not vote; none left -> uncertain)
 
@@ -79,6 +81,8 @@ class Rule:
     name: str
     score: Score
     fraction: bool = False  # True: the score is a share of slices, compared with 0.5
+    # True: a series whose slices are mostly inside the band is uncertain, whatever the score
+    needs_decided_slices: bool = False
 
 
 RULES: dict[str, Rule] = {
@@ -88,7 +92,7 @@ RULES: dict[str, Rule] = {
         Rule("median", _median),
         Rule("max", _max),
         Rule("top_k_mean", _top_k_mean),
-        Rule("majority", _majority, fraction=True),
+        Rule("majority", _majority, fraction=True, needs_decided_slices=True),
         Rule("vote", _vote, fraction=True),
     )
 }
@@ -123,4 +127,6 @@ def decide(
     verdict = "covid" if score >= cut else "non_covid"
     if abs(score - cut) < band:
         verdict = "uncertain"
+    if r.needs_decided_slices and 2 * int((np.abs(p - threshold) < band).sum()) > len(p):
+        verdict = "uncertain"  # the slices themselves are mostly uncertain: weak evidence
     return SeriesVerdict(verdict, score, cut, band, label, len(p))

@@ -1,6 +1,6 @@
 """`fedscan demo`: a whole federation on this machine, from data to the paper's table.
 
-    fedscan demo [--out DIR] [--dataset DIR] [--nodes 3] [--rounds 3] [--arch cnn2d]
+    fedscan demo [--out DIR] [--dataset DIR] [--nodes 3] [--rounds 5] [--arch cnn2d]
                  [--local-epochs 2] [--labelled-per-node 120] [--feed-seconds 45] ...
 
 Starts an MQTT broker (``python -m fl_protocol.broker``), a coordinator and one edge node per
@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     p.add_argument("--dataset", help="real data: UCSD COVID-CT folder, class folders, or index")
     p.add_argument("--nodes", type=int, default=3, help="hospitals (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")

@@ -15,7 +15,7 @@ class DemoConfig:
     out: Path = Path("demo-out")  # everything goes here (data, processes' folders, logs, report)
     dataset: Path | None = None  # real data (UCSD layout, class folders, or an index.csv folder)
     nodes: int = 3  # hospitals (edge node processes)
-    rounds: int = 3  # federated rounds
+    rounds: int = 5  # federated rounds (3 left the synthetic global model at AUC 0.947)
     arch: str = "cnn2d"  # export.zoo registry name
     local_epochs: int = 2  # epochs per node per round
     lr: float = 1e-3

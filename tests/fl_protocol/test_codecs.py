@@ -138,6 +138,8 @@ def _raw(arrays: dict[str, np.ndarray], **meta: str) -> bytes:
         _raw({"w": np.zeros((2, 2), np.int8), "w::scale": np.ones(3, np.float32)}),
         _raw({"w": np.zeros(2, np.int8), "w::scale": np.array(-1.0, np.float32)}),
         _raw({"w": np.zeros(2, np.int8), "w::scale": np.array(np.inf, np.float32)}),
+        # finite scale, but 127 * 3e38 overflows float32 (found by the fuzzer below)
+        _raw({"w": np.full(2, 127, np.int8), "w::scale": np.array(3e38, np.float32)}),
         _raw({"w": np.zeros(2, np.int8)}, tensors="5"),
     ],
 )

@@ -41,6 +41,15 @@ def test_majority_compares_a_fraction_with_one_half() -> None:
     assert v.score == pytest.approx(0.75) and v.threshold == 0.5 and v.verdict == "covid"
 
 
+def test_majority_of_uncertain_slices_is_an_uncertain_series() -> None:
+    """Twelve slices at P(covid) 0.55 (threshold 0.5, band 0.1) are each uncertain; all lie
+    above the threshold, but the series must not be reported as a confident covid call."""
+    v = decide([0.55] * 12, rule="majority", threshold=0.5, band=0.1)
+    assert v.score == pytest.approx(1.0) and v.verdict == "uncertain"
+    mixed = decide([0.55] * 5 + [0.9] * 7, rule="majority", threshold=0.5, band=0.1)
+    assert mixed.verdict == "covid"  # most slices are confident covid calls
+
+
 def test_unknown_rule_lists_the_choices() -> None:
     """A typo in [series] rule is a ConfigError naming every rule."""
     with pytest.raises(ConfigError, match="top_k_mean"):
