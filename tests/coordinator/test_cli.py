@@ -9,7 +9,7 @@ import pytest
 
 from fedscan.cli import main
 from tests.coordinator.fakes import make_delta
-from tests.coordinator.test_rounds import World
+from tests.coordinator.world import World
 
 
 def test_init_writes_a_loadable_config_and_refuses_to_overwrite(

@@ -15,7 +15,7 @@ from coordinator.state import State
 from coordinator.strategy.utils import capped_weights, l2_norm, trim_count
 from coordinator.validate import contribution_outliers
 from tests.coordinator.fakes import make_delta, tiny_weights
-from tests.coordinator.test_rounds import World, expected_fedavg
+from tests.coordinator.world import World, expected_fedavg
 
 COUNTER = "backbone.bn.num_batches_tracked"
 ATOL = 1e-6

@@ -18,7 +18,7 @@ import pytest
 
 from coordinator.service import CoordinatorService
 from tests.coordinator.fakes import make_delta, tiny_source
-from tests.coordinator.test_rounds import World
+from tests.coordinator.world import World
 
 SAMPLES = {"a": 10, "b": 30, "c": 60}
 

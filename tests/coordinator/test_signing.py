@@ -22,7 +22,7 @@ from fl_protocol.signing import (
 )
 from fl_protocol.transport import MemoryBroker
 from tests.coordinator.fakes import FakeClock, FakeNode, make_delta, tiny_source
-from tests.coordinator.test_rounds import make_cfg
+from tests.coordinator.world import make_cfg
 
 
 def test_signed_manifests_and_trusted_node_keys(tmp_path: Path) -> None:

@@ -19,16 +19,21 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as st_save
+from safetensors.numpy import save_file
 
 from edge_node.config import NodeConfig, config_from_dict
+from edge_node.federate.update_sender import UpdateSender
+from edge_node.train.job import TrainResult
 from fl_protocol import topics
 from fl_protocol.chunking import Reassembler, split
 from fl_protocol.codecs import decode
+from fl_protocol.metrics import Metrics, from_confusion
 from fl_protocol.schemas import (
     Ack,
     EvalReport,
     GlobalManifest,
     NodeStatus,
+    PayloadManifest,
     RoundConfig,
     UpdateManifest,
 )
@@ -290,3 +295,91 @@ class FakeCoordinator:
 
 def published_by(broker: MemoryBroker, client_id: str) -> list[Message]:
     return [m for c, m in broker.published if c == client_id]
+
+
+FED = "fedtest"
+
+
+ROUND = 3
+
+
+BASE_VERSION = 2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def metrics() -> Metrics:
+    return from_confusion(3, 1, 0, 4, auc=0.9)
+
+
+def train_result(folder: Path, local: dict[str, np.ndarray], keys: tuple[str, ...]) -> TrainResult:
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "weights.safetensors"
+    save_file(local, str(weights), metadata={"arch": "cnn2d", "texture_dim": "0"})
+    return TrainResult(
+        weights_path=weights,
+        onnx_path=None,
+        metrics_path=folder / "metrics.json",
+        num_samples=12,
+        n_val=8,
+        train_metrics=metrics(),
+        val_metrics=metrics(),
+        init_val_metrics=metrics(),
+        best_epoch=1,
+        epochs_run=1,
+        images_per_s=10.0,
+        init="global.safetensors",
+        model_version="local-test",
+        arch="cnn2d",
+        mode="full",
+        trainable_keys=keys,
+        resumed_from_epoch=0,
+        seconds=1.0,
+    )
+
+
+class Setup:
+    """A node folder with global weights on disk and a local result that differs from them."""
+
+    def __init__(self, root: Path, *, codec: str = "fp32", trainable_only: bool = False,
+                 **fed: Any) -> None:  # fmt: skip
+        self.root = root
+        self.config: NodeConfig = node_config(root, **fed)
+        self.base = cnn2d_weights(0)
+        rng = np.random.default_rng(0)
+        self.local = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32)
+                      for k, v in self.base.items()}  # fmt: skip
+        self.global_path = root / "models" / "global.safetensors"
+        self.global_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.base, str(self.global_path), metadata={"arch": "cnn2d"})
+        self.result = train_result(root / "run", self.local, ("head.weight", "head.bias"))
+        self.manifest = GlobalManifest(
+            federation=FED,
+            version=BASE_VERSION,
+            arch="cnn2d",
+            texture_dim=0,
+            payload=PayloadManifest(
+                total_size=1, sha256="0" * 64, chunk_size=1, chunk_sha256=("0" * 64,)
+            ),
+            round=round_config(ROUND, codec=codec, trainable_only=trainable_only),
+        )
+
+
+def connect(
+    broker: MemoryBroker, setup: Setup, clock: Clock, chunk_size: int = 1024 * 1024
+) -> UpdateSender:
+    t = broker.transport("node-n1")
+    sender = UpdateSender(setup.config, t, clock=clock, ack_timeout_s=30.0, chunk_size=chunk_size)
+    t.subscribe("fl/fedtest/round/+/ack/n1", lambda m: sender.on_ack(_ack(m.payload)))
+    t.connect()
+    return sender
+
+
+def _ack(payload: bytes) -> Ack:
+    return Ack.from_bytes(payload)

@@ -15,7 +15,7 @@ import pytest
 
 from fl_protocol.broker import MAX_QUEUED_BYTES, EmbeddedBroker
 from tests.helpers.wait import eventually
-from tests.integration.test_embedded_broker import Raw
+from tests.integration.mqtt_raw import Raw
 
 pytestmark = pytest.mark.integration
 

@@ -4,144 +4,30 @@ a SIGKILL of the coordinator mid-round."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from coordinator.config import load_config
-from coordinator.model_init import ensure_initial_version
 from coordinator.service import read_broker_port
 from coordinator.state import State
 from fedscan.brokers.mosquitto import Mosquitto
-from fl_protocol.transport import MqttSettings, PahoTransport
-from tests.coordinator.fakes import FakeNode, NodeThread, tiny_source
+from tests.coordinator.fakes import NodeThread
 from tests.helpers.wait import wait_for
+from tests.integration.coordinator_harness import (
+    accepted,
+    check_two_rounds,
+    make_nodes,
+    seed_state,
+    start_coordinator,
+    stop_all,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-FEDERATION = "itest"
-
-
-def write_config(tmp_path: Path, broker_url: str | None, **rounds: Any) -> Path:
-    broker = f'url = "{broker_url}"' if broker_url else "embedded_port = 0"
-    params = {
-        "num_rounds": 2,
-        "min_nodes": 2,
-        "expected_nodes": ["a", "b", "c"],
-        "round_timeout_s": 120.0,
-        "chunk_timeout_s": 2.0,
-        "codec": "fp16",
-    }
-    params.update(rounds)
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-    path = tmp_path / "coordinator.toml"
-    path.write_text(
-        f'federation = "{FEDERATION}"\nstate_dir = "state"\n[broker]\n{broker}\n'
-        f'[model]\narch = "cnn2d"\n[rounds]\n{lines}\n'
-    )
-    return path
-
-
-def start_coordinator(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedscan.cli", "coordinator", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def make_nodes(port: int, names: str, samples: dict[str, int]) -> dict[str, NodeThread]:
-    out = {}
-    for name in names:
-        transport = PahoTransport(
-            MqttSettings(host="127.0.0.1", port=port, client_id=f"node-{name}")
-        )
-        node = FakeNode(transport, name, FEDERATION)
-        out[name] = NodeThread(node, samples[name], final_version=2)
-    return out
-
-
-def status_json(config: Path) -> dict[str, Any]:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedscan.cli",
-            "coordinator",
-            "status",
-            "--config",
-            str(config),
-            "--json",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(result.stdout)
-
-
-def accepted(state_dir: Path, round_id: int) -> int:
-    if not (state_dir / "coordinator.sqlite").exists():
-        return 0
-    state = State(state_dir, readonly=True)
-    try:
-        return len(state.updates(round_id, accepted=True))
-    finally:
-        state.close()
-
-
-def stop_all(threads: dict[str, NodeThread]) -> None:
-    for t in threads.values():
-        t.stop.set()
-    for t in threads.values():
-        t.join(10)
-        t.node.t.disconnect()
-
-
-def check_two_rounds(config: Path, threads: dict[str, NodeThread]) -> None:
-    doc = status_json(config)
-    assert doc["global_version"] == 2
-    rounds = doc["rounds"]
-    assert [(r["round"], r["outcome"], r["version_out"]) for r in rounds] == [
-        (1, "aggregated", 1),
-        (2, "aggregated", 2),
-    ]
-    for r in rounds:
-        assert r["counted"] == ["a", "b", "c"] and r["rejected"] == {}
-    for t in threads.values():
-        assert not t.errors, t.errors
-        m = t.node.manifest
-        assert (m.version, m.round) == (2, None)
-    # every node reassembles the very bytes the coordinator checkpointed as v2
-    state = State(config.parent / "state", readonly=True)
-    try:
-        sha = {v.version: v.sha256 for v in state.versions()}[2]
-    finally:
-        state.close()
-    assert threads["a"].node.manifest.payload.sha256 == sha
-
-
-def seed_state(config: Path) -> Path:
-    """Version 0 made in-process from numpy (tiny cnn2d-like state), so the subprocess needs
-    no torch and starts in a second; test_cli_run_from_scratch covers the torch start."""
-    cfg = load_config(config)
-    state = State(cfg.state_dir)
-    ensure_initial_version(state, cfg.model, tiny_source)
-    state.close()
-    return cfg.state_dir
 
 
 def run_two_rounds(config: Path, tmp_path: Path, port: int | None, timeout: float) -> None:

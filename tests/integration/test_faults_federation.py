@@ -21,7 +21,6 @@ state and checkpoints:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -31,7 +30,6 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from coordinator.state import State
@@ -41,20 +39,21 @@ from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.conftest import ReliabilityProfile
 from tests.coordinator.fakes import FakeNode, NodeThread
 from tests.helpers.wait import wait_for
-from tests.integration.fault_helpers import REPO
-from tests.integration.test_coordinator_rounds import (
+from tests.integration.coordinator_harness import (
     FEDERATION,
+    SAMPLES,
     accepted,
-    check_two_rounds,
+    all_finished,
+    check_federation,
     seed_state,
     start_coordinator,
+    start_nodes,
     stop_all,
     write_config,
 )
+from tests.integration.fault_helpers import REPO
 
 pytestmark = pytest.mark.integration
-
-SAMPLES = {"a": 10, "b": 20, "c": 30}
 
 
 class ResilientNode(NodeThread):
@@ -82,51 +81,6 @@ def make_nodes(port: int, chunk_size: int = 16 * 1024) -> dict[str, NodeThread]:
         node = FakeNode(transport, name, FEDERATION)
         out[name] = ResilientNode(node, n, final_version=2, chunk_size=chunk_size)
     return out
-
-
-def start_nodes(threads: dict[str, NodeThread]) -> None:
-    for t in threads.values():
-        t.node.connect()
-        t.start()
-
-
-def all_finished(threads: dict[str, NodeThread]) -> bool:
-    return all(t.finished.is_set() for t in threads.values())
-
-
-def fp16(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float16).astype(np.float32)
-
-
-def check_federation(config: Path, threads: dict[str, NodeThread]) -> None:
-    """The invariants of the module docstring."""
-    check_two_rounds(config, threads)
-    state = State(config.parent / "state", readonly=True)
-    try:
-        versions = state.versions()
-        assert [v.version for v in versions] == [0, 1, 2]
-        for v in versions:
-            data = state.checkpoint_path(v.version).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == v.sha256
-        rounds = state.rounds()
-        assert [(r.id, r.version_in, r.version_out) for r in rounds] == [(1, 0, 1), (2, 1, 2)]
-        nonces: list[str | None] = []
-        for r in rounds:
-            rows = state.updates(r.id)
-            assert sorted(u.node for u in rows) == sorted(SAMPLES)
-            assert all(u.accepted and u.counted_in_aggregate for u in rows), rows
-            nonces += [u.nonce for u in rows]
-            before, _ = state.load_checkpoint(r.version_in)
-            after, _ = state.load_checkpoint(r.version_out or -1)
-            total = sum(SAMPLES.values())
-            for key, g in before.items():
-                if key.endswith("num_batches_tracked"):
-                    continue
-                mean = sum(SAMPLES[n] * fp16(t.sent[r.id][key]) for n, t in threads.items())
-                np.testing.assert_allclose(after[key], g + mean / total, rtol=0, atol=1e-6)
-        assert len(set(nonces)) == len(nonces) == 2 * len(SAMPLES)
-    finally:
-        state.close()
 
 
 def start_driver(config: Path, kill_at: str, log: Path) -> subprocess.Popen[bytes]:

@@ -289,7 +289,7 @@ def test_kill_9_during_training_and_during_upload(tmp_path: Path, mosquitto: Mos
     resends without training again, the round aggregates with both counted once, and both
     serve global v1. Slow: two nodes export and train with torch (minutes on two cores)."""
     from tests.helpers.wait import wait_for as fwait
-    from tests.integration.test_federation_rounds import (
+    from tests.integration.federation_harness import (
         TIMEOUT,
         Coordinator,
         FedNode,

@@ -34,24 +34,22 @@ from fl_protocol.signing import generate_keypair, save_public_key
 from tests.conftest import ReliabilityProfile
 from tests.coordinator.fakes import FEDERATION as MEM_FEDERATION
 from tests.coordinator.fakes import FakeNode, NodeThread, make_delta
-from tests.coordinator.test_rounds import World
+from tests.coordinator.world import World
 from tests.helpers.dicom_factory import write_ct
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.wait import wait_for
-from tests.integration.node_process import NodeProcess
-from tests.integration.test_coordinator_rounds import (
+from tests.integration.coordinator_harness import (
     FEDERATION,
-    seed_state,
-    start_coordinator,
-    stop_all,
-    write_config,
-)
-from tests.integration.test_faults_federation import (
     all_finished,
     check_federation,
     make_nodes,
+    seed_state,
+    start_coordinator,
     start_nodes,
+    stop_all,
+    write_config,
 )
+from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from coordinator.strategy.utils import is_counter, l2_norm
 from fedscan.brokers.mosquitto import Mosquitto
 from tests.coordinator.fakes import tiny_weights
 from tests.helpers.wait import wait_for
-from tests.integration.test_coordinator_rounds import (
+from tests.integration.coordinator_harness import (
     make_nodes,
     seed_state,
     start_coordinator,

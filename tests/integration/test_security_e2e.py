@@ -50,14 +50,14 @@ from fl_protocol.schemas import Ack, GlobalManifest, UpdateManifest
 from fl_protocol.signing import generate_keypair, sign_manifest
 from tests.helpers.dicom_factory import CT_SAMPLE, copy_with_new_uid, sample_path
 from tests.helpers.wait import wait_for
-from tests.integration.test_broker_security import Peer, connect, is_accepted, tls_context
-from tests.integration.test_federation_rounds import (
+from tests.integration.federation_harness import (
     FEDERATION,
     NODE_LOCAL,
     Coordinator,
     FedNode,
 )
 from tests.integration.tls_broker import start_broker
+from tests.integration.tls_peers import Peer, connect, is_accepted, tls_context
 
 pytestmark = pytest.mark.integration
 

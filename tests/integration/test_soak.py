@@ -207,7 +207,7 @@ def test_soak_5000_slices_while_rounds_run(tmp_path: Path) -> None:
     predicting; the soak figures cover the daemon process."""
     from coordinator.service import read_broker_port
     from tests.helpers.wait import wait_for as fwait
-    from tests.integration.test_federation_rounds import (
+    from tests.integration.federation_harness import (
         TIMEOUT,
         Coordinator,
         FedNode,

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.chromium import CHROMIUM, FLAGS
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.wait import wait_for
 from tests.integration.node_process import NodeProcess
-from tests.integration.test_web_page import CHROMIUM, FLAGS
 
 pytestmark = pytest.mark.integration
 

@@ -13,25 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.chromium import CHROMIUM, FLAGS
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.wait import wait_for
 from tests.integration.node_process import NodeProcess
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1200,700",
-]
 
 
 @pytest.fixture

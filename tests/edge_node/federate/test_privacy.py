@@ -25,8 +25,7 @@ from edge_node.federate.privacy import (
     privatize,
 )
 from fl_protocol.transport import MemoryBroker
-from tests.edge_node.federate.test_update_sender import FED, ROUND, Clock, Setup, connect
-from tests.helpers.federation import FakeCoordinator
+from tests.helpers.federation import FED, ROUND, Clock, FakeCoordinator, Setup, connect
 
 
 def delta_of(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:

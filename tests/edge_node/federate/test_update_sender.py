@@ -8,112 +8,27 @@ coordinator decodes can be checked exactly.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
-from edge_node.config import NodeConfig
 from edge_node.errors import TrainingError
-from edge_node.federate.update_sender import UpdateSender, compute_delta, eval_report
-from edge_node.train.job import TrainResult
-from fl_protocol.metrics import Metrics, from_confusion
-from fl_protocol.schemas import Ack, GlobalManifest, PayloadManifest
+from edge_node.federate.update_sender import compute_delta, eval_report
+from fl_protocol.metrics import from_confusion
 from fl_protocol.signing import generate_keypair, save_private_key, verify_manifest
 from fl_protocol.transport import MemoryBroker
 from tests.helpers.federation import (
+    BASE_VERSION,
+    FED,
+    ROUND,
+    Clock,
     FakeCoordinator,
-    cnn2d_weights,
-    node_config,
+    Setup,
+    connect,
+    metrics,
     published_by,
-    round_config,
 )
-
-FED = "fedtest"
-ROUND = 3
-BASE_VERSION = 2
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def metrics() -> Metrics:
-    return from_confusion(3, 1, 0, 4, auc=0.9)
-
-
-def train_result(folder: Path, local: dict[str, np.ndarray], keys: tuple[str, ...]) -> TrainResult:
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "weights.safetensors"
-    save_file(local, str(weights), metadata={"arch": "cnn2d", "texture_dim": "0"})
-    return TrainResult(
-        weights_path=weights,
-        onnx_path=None,
-        metrics_path=folder / "metrics.json",
-        num_samples=12,
-        n_val=8,
-        train_metrics=metrics(),
-        val_metrics=metrics(),
-        init_val_metrics=metrics(),
-        best_epoch=1,
-        epochs_run=1,
-        images_per_s=10.0,
-        init="global.safetensors",
-        model_version="local-test",
-        arch="cnn2d",
-        mode="full",
-        trainable_keys=keys,
-        resumed_from_epoch=0,
-        seconds=1.0,
-    )
-
-
-class Setup:
-    """A node folder with global weights on disk and a local result that differs from them."""
-
-    def __init__(self, root: Path, *, codec: str = "fp32", trainable_only: bool = False,
-                 **fed: Any) -> None:  # fmt: skip
-        self.root = root
-        self.config: NodeConfig = node_config(root, **fed)
-        self.base = cnn2d_weights(0)
-        rng = np.random.default_rng(0)
-        self.local = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32)
-                      for k, v in self.base.items()}  # fmt: skip
-        self.global_path = root / "models" / "global.safetensors"
-        self.global_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.base, str(self.global_path), metadata={"arch": "cnn2d"})
-        self.result = train_result(root / "run", self.local, ("head.weight", "head.bias"))
-        self.manifest = GlobalManifest(
-            federation=FED,
-            version=BASE_VERSION,
-            arch="cnn2d",
-            texture_dim=0,
-            payload=PayloadManifest(
-                total_size=1, sha256="0" * 64, chunk_size=1, chunk_sha256=("0" * 64,)
-            ),
-            round=round_config(ROUND, codec=codec, trainable_only=trainable_only),
-        )
-
-
-def connect(
-    broker: MemoryBroker, setup: Setup, clock: Clock, chunk_size: int = 1024 * 1024
-) -> UpdateSender:
-    t = broker.transport("node-n1")
-    sender = UpdateSender(setup.config, t, clock=clock, ack_timeout_s=30.0, chunk_size=chunk_size)
-    t.subscribe("fl/fedtest/round/+/ack/n1", lambda m: sender.on_ack(_ack(m.payload)))
-    t.connect()
-    return sender
-
-
-def _ack(payload: bytes) -> Ack:
-    return Ack.from_bytes(payload)
 
 
 def test_delta_is_local_minus_global_and_can_be_restricted_to_trainable_tensors() -> None:

@@ -24,7 +24,6 @@ from edge_node.daemon import Daemon
 from edge_node.errors import InputError, NotDicomError, PixelDecodeError
 from edge_node.ingest.dicom_decode import DecodeLimits
 from edge_node.ingest.preprocess import PreprocessParams, prepare
-from tests.edge_node.serve.test_api import DICOM, _client, _daemon
 from tests.helpers.dicom_bombs import (
     deflated_dataset_bomb,
     deflated_frame_bomb,
@@ -33,6 +32,7 @@ from tests.helpers.dicom_bombs import (
     many_frames,
 )
 from tests.helpers.dicom_factory import write_ct
+from tests.helpers.node_api import DICOM, api_client, start_daemon
 from tests.helpers.onnx_models import make_classifier
 
 MiB = 1 << 20
@@ -107,7 +107,7 @@ def test_limits_come_from_the_node_config() -> None:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Daemon]:
-    d = _daemon(tmp_path)
+    d = start_daemon(tmp_path)
     yield d
     d.shutdown(10)
 
@@ -180,7 +180,7 @@ def test_uploaded_bomb_is_refused_and_not_kept(node: Daemon, tmp_path: Path) -> 
     """POST /api/predict with a frame bomb: 422 naming limit:inflated, no prediction, and the
     upload is not kept in state/uploads."""
     bomb = deflated_frame_bomb(tmp_path / "frame.dcm", 64 * MiB)
-    with _client(node) as c:
+    with api_client(node) as c:
         r = c.post("/api/predict", content=bomb.read_bytes(), headers=DICOM)
     assert r.status_code == 422 and "limit:inflated" in r.json()["error"]
     assert _predictions(node) == {}
@@ -242,7 +242,7 @@ def test_big_upload_streams_to_disk(tmp_path: Path) -> None:
     """A 600 MiB POST (Content-Length) is 413 before it is read; a 400 MiB chunked POST is cut
     at max_upload_mb (288) while streaming to disk: the node's peak memory grows < 64 MiB,
     nothing is left in uploads/, and the node still answers."""
-    d = _daemon(tmp_path)
+    d = start_daemon(tmp_path)
     try:
         pid_status = Path("/proc/self/status")
 
@@ -252,7 +252,7 @@ def test_big_upload_streams_to_disk(tmp_path: Path) -> None:
                     return int(line.split()[1]) // 1024
             raise AssertionError("no VmHWM")
 
-        with _client(d) as c:
+        with api_client(d) as c:
             before = hwm_mib()
             headers = {**DICOM, "Content-Length": str(600 * MiB)}
 

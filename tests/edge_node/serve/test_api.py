@@ -6,57 +6,27 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from edge_node.cli.daemon import init_node
-from edge_node.config import load_config
 from edge_node.daemon import Daemon
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path, write_garbage
-from tests.helpers.onnx_models import make_classifier
-
-
-def _daemon(tmp: Path, **api: Any) -> Daemon:
-    toml = init_node(tmp / "node")
-    make_classifier(tmp / "node" / "models" / "current.onnx", version="5")
-    # chest_only off: these tests use the real head CT slice 693_UNCR as "a CT slice"
-    overrides = {"inference": {"intra_op_threads": 1}, "series": {"chest_only": False}}
-    cfg = load_config(toml, {"api": {"port": 0, **api}, **overrides})
-    d = Daemon(cfg)
-    d.start()
-    return d
-
-
-def _client(d: Daemon, **kw: Any) -> httpx.Client:
-    port = int((d.config.paths.state_dir / "api.port").read_text())
-    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, **kw)
+from tests.helpers.node_api import DICOM, api_client, start_daemon, upload_sample
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Daemon]:
-    d = _daemon(tmp_path)
+    d = start_daemon(tmp_path)
     yield d
     d.shutdown(10)
 
 
 @pytest.fixture
 def client(node: Daemon) -> Iterator[httpx.Client]:
-    with _client(node) as c:
+    with api_client(node) as c:
         yield c
-
-
-DICOM = {"Content-Type": "application/dicom"}  # the upload's media type (api_guard)
-
-
-def _upload(client: httpx.Client, tmp: Path) -> tuple[str, dict[str, Any]]:
-    f = tmp / "up.dcm"
-    uid = copy_with_new_uid(sample_path("693_UNCR.dcm"), f)
-    r = client.post("/api/predict", content=f.read_bytes(), headers=DICOM)
-    assert r.status_code == 200, r.text
-    return uid, r.json()
 
 
 def test_health(client: httpx.Client) -> None:
@@ -66,7 +36,7 @@ def test_health(client: httpx.Client) -> None:
 
 
 def test_upload_predicts_stores_and_lists(client: httpx.Client, tmp_path: Path) -> None:
-    uid, body = _upload(client, tmp_path)
+    uid, body = upload_sample(client, tmp_path)
     assert body["outcome"] == "predicted"
     (pred,) = body["predictions"]
     assert pred["sop_instance_uid"] == uid and pred["model_version"] == "5"
@@ -98,7 +68,7 @@ def test_upload_refusals(client: httpx.Client, tmp_path: Path) -> None:
 def test_thumbnail_is_a_small_png_and_cached(
     node: Daemon, client: httpx.Client, tmp_path: Path
 ) -> None:
-    _uid, body = _upload(client, tmp_path)
+    _uid, body = upload_sample(client, tmp_path)
     pid = body["predictions"][0]["id"]
     r = client.get(f"/api/thumbnails/{pid}.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -111,7 +81,7 @@ def test_thumbnail_is_a_small_png_and_cached(
 
 def test_labels_are_recorded_through_the_label_book(client: httpx.Client, tmp_path: Path) -> None:
     pytest.importorskip("edge_node.labels")
-    uid, _ = _upload(client, tmp_path)
+    uid, _ = upload_sample(client, tmp_path)
     r = client.post("/api/labels", json={"sop_instance_uid": uid, "label": "covid", "who": "dr_a"})
     assert r.status_code == 200 and r.json()["changed"] is True
     (row,) = client.get("/api/predictions").json()["predictions"]
@@ -125,7 +95,7 @@ def test_labels_are_recorded_through_the_label_book(client: httpx.Client, tmp_pa
 
 
 def test_metrics_in_prometheus_text(client: httpx.Client, tmp_path: Path) -> None:
-    _upload(client, tmp_path)
+    upload_sample(client, tmp_path)
     r = client.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -141,7 +111,7 @@ def test_metrics_in_prometheus_text(client: httpx.Client, tmp_path: Path) -> Non
 
 def test_page_lists_predictions_with_label_buttons(client: httpx.Client, tmp_path: Path) -> None:
     """The all-slices page (/slices, linked from the studies page) lists every slice."""
-    uid, body = _upload(client, tmp_path)
+    uid, body = upload_sample(client, tmp_path)
     page = client.get("/slices").text
     assert f'data-uid="{uid}"' in page
     assert page.count('class="label covid"') == 1 and 'data-label="non_covid"' in page
@@ -167,9 +137,9 @@ def test_inbox_file_reaches_the_api(node: Daemon, client: httpx.Client) -> None:
 
 
 def test_token_is_required_when_set(tmp_path: Path) -> None:
-    d = _daemon(tmp_path, token="s3cret")
+    d = start_daemon(tmp_path, token="s3cret")
     try:
-        with _client(d) as anon:
+        with api_client(d) as anon:
             assert anon.get("/health").status_code == 200
             assert anon.get("/api/predictions").status_code == 401
             assert anon.get("/metrics").status_code == 401
@@ -181,7 +151,7 @@ def test_token_is_required_when_set(tmp_path: Path) -> None:
                 ).status_code
                 == 401
             )
-        with _client(d, headers={"Authorization": "Bearer s3cret"}) as c:
+        with api_client(d, headers={"Authorization": "Bearer s3cret"}) as c:
             assert c.get("/api/predictions").status_code == 200
             empty = c.post("/api/predict", content=b"", headers=DICOM)
             assert empty.status_code == 400  # past the auth check

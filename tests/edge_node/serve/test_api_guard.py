@@ -14,22 +14,22 @@ import pytest
 
 from edge_node.daemon import Daemon
 from edge_node.serve.api_guard import split_host
-from tests.edge_node.serve.test_api import DICOM, _client, _daemon, _upload
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path
+from tests.helpers.node_api import DICOM, api_client, start_daemon, upload_sample
 
 JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Daemon]:
-    d = _daemon(tmp_path, max_upload_mb=1)
+    d = start_daemon(tmp_path, max_upload_mb=1)
     yield d
     d.shutdown(10)
 
 
 @pytest.fixture
 def client(node: Daemon) -> Iterator[httpx.Client]:
-    with _client(node) as c:
+    with api_client(node) as c:
         yield c
 
 
@@ -64,7 +64,7 @@ def test_host_header_parsing() -> None:
 def test_unknown_host_gets_no_data(node: Daemon, client: httpx.Client, tmp_path: Path) -> None:
     """A DNS-rebinding page reaches the node under its own name (Host: attacker.example):
     refused with 400 and no UID or path in the answer; the node's own names still work."""
-    uid, _ = _upload(client, tmp_path)
+    uid, _ = upload_sample(client, tmp_path)
     port = _port(node)
     hosts = ("attacker.example", f"attacker.example:{port}", "127.0.0.1:1", f"a.nip.io:{port}")
     for host in hosts:
@@ -81,10 +81,10 @@ def test_unknown_host_gets_no_data(node: Daemon, client: httpx.Client, tmp_path:
 
 def test_configured_extra_host_is_accepted(tmp_path: Path) -> None:
     """api.allowed_hosts adds names (a workstation's DNS name); others stay refused."""
-    d = _daemon(tmp_path, allowed_hosts=["ws12.hospital.lan"])
+    d = start_daemon(tmp_path, allowed_hosts=["ws12.hospital.lan"])
     try:
         port = _port(d)
-        with _client(d) as c:
+        with api_client(d) as c:
             ok = c.get("/api/predictions", headers={"Host": f"ws12.hospital.lan:{port}"})
             assert ok.status_code == 200
             no = c.get("/api/predictions", headers={"Host": f"ws13.hospital.lan:{port}"})
@@ -97,7 +97,7 @@ def test_foreign_origin_cannot_write(node: Daemon, client: httpx.Client, tmp_pat
     """CSRF: a page on another origin POSTs a label and a DICOM file; each is refused with 403
     and nothing is stored (no label, no upload file, no prediction). The node's own page
     origin is accepted."""
-    uid, _ = _upload(client, tmp_path)
+    uid, _ = upload_sample(client, tmp_path)
     port = _port(node)
     other = tmp_path / "other.dcm"
     copy_with_new_uid(sample_path("693_UNCR.dcm"), other)
@@ -128,7 +128,7 @@ def test_other_sites_cannot_read_or_embed(
     """A page elsewhere cannot read the API with CORS (foreign Origin) or embed a thumbnail
     (<img>: Sec-Fetch-Site same-site/cross-site, mode no-cors), which would tell it which ids
     exist: 403 without data. A link to the node's page (a top-level navigation) still opens."""
-    uid, body = _upload(client, tmp_path)
+    uid, body = upload_sample(client, tmp_path)
     port = _port(node)
     thumb = f"/api/thumbnails/{body['predictions'][0]['id']}.png"
     embeds = [
@@ -150,7 +150,7 @@ def test_other_sites_cannot_read_or_embed(
 def test_writes_need_their_media_type(node: Daemon, client: httpx.Client, tmp_path: Path) -> None:
     """Bodies an HTML form or a simple cross-origin fetch can send (text/plain, urlencoded,
     multipart, none) are 415 on both write routes; nothing is stored."""
-    uid, _ = _upload(client, tmp_path)
+    uid, _ = upload_sample(client, tmp_path)
     other = tmp_path / "other.dcm"
     copy_with_new_uid(sample_path("693_UNCR.dcm"), other)
     for ctype in (
@@ -190,7 +190,7 @@ def test_bodies_are_bounded(node: Daemon, client: httpx.Client, tmp_path: Path) 
     assert _uploads(node) == [] and _count(node, "predictions") == 0
     r = client.post("/api/labels", content=b" " * (65 << 10), headers=JSON)
     assert r.status_code == 413
-    _uid, body = _upload(client, tmp_path)
+    _uid, body = upload_sample(client, tmp_path)
     assert body["outcome"] == "predicted" and len(_uploads(node)) == 1
     mode = _uploads(node)[0].stat().st_mode & 0o777
     assert mode == 0o600, oct(mode)
@@ -199,7 +199,7 @@ def test_bodies_are_bounded(node: Daemon, client: httpx.Client, tmp_path: Path) 
 def test_label_fields_are_bounded(node: Daemon, client: httpx.Client, tmp_path: Path) -> None:
     """Deep JSON, a 1 MB or non-string `who`, control characters, an over-long UID or label:
     each is a 4xx (never a 500) and writes no label row and no history row."""
-    uid, _ = _upload(client, tmp_path)
+    uid, _ = upload_sample(client, tmp_path)
     deep = b"[" * 30_000 + b"]" * 30_000  # under 64 KiB, deeper than Python's recursion limit
     assert client.post("/api/labels", content=deep, headers=JSON).status_code == 400
     deeper = b"[" * 100_000 + b"]" * 100_000
@@ -230,7 +230,7 @@ def test_label_fields_are_bounded(node: Daemon, client: httpx.Client, tmp_path: 
 
 def test_out_of_range_ids_and_limits(client: httpx.Client, tmp_path: Path) -> None:
     """An id of 10^23 (past SQLite's INTEGER) is 404, not 500; ?limit= outside 1..1000 is 400."""
-    _upload(client, tmp_path)
+    upload_sample(client, tmp_path)
     for path in (f"/api/predictions/{10**23}", f"/api/thumbnails/{10**23}.png"):
         assert client.get(path).status_code == 404
     for limit in (str(10**23), "0", "-1", "1001"):
