@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
+HEADLESS = [  # a quiet headless Chromium: no network of its own, no first-run work
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -31,9 +31,9 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--hide-scrollbars",
-    "--remote-debugging-pipe",
 ]
+FLAGS = [*HEADLESS, "--hide-scrollbars", "--remote-debugging-pipe"]  # driven over the pipe
+SCREENSHOT_FLAGS = [*HEADLESS, "--window-size=1200,700"]  # one-shot page screenshots
 
 
 # Windows virtual key codes Chromium needs for keys with a default action (Escape closes a

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers.chromium import CHROMIUM, FLAGS
+from tests.helpers.cdp import CHROMIUM
+from tests.helpers.cdp import SCREENSHOT_FLAGS as FLAGS
 from tests.helpers.dicom_factory import copy_with_new_uid, sample_path
 from tests.helpers.onnx_models import make_classifier
 from tests.helpers.wait import wait_for
