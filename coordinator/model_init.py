@@ -18,19 +18,19 @@ import numpy as np
 
 from coordinator.config import ModelConfig
 from coordinator.errors import ConfigError
-from coordinator.rounds import ModelInfo
+from coordinator.rounds import ArchInfo
 from coordinator.state import State
 from fl_protocol.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 # (model config, whether version-0 weights are needed) -> (facts, weights or None)
-ModelSource = Callable[[ModelConfig, bool], tuple[ModelInfo, dict[str, np.ndarray] | None]]
+ModelSource = Callable[[ModelConfig, bool], tuple[ArchInfo, dict[str, np.ndarray] | None]]
 
 
 def torch_model_source(
     cfg: ModelConfig, need_weights: bool
-) -> tuple[ModelInfo, dict[str, np.ndarray] | None]:
+) -> tuple[ArchInfo, dict[str, np.ndarray] | None]:
     """Build ``cfg.arch`` with export.zoo (torch); weights only when ``need_weights``."""
     import torch
 
@@ -41,7 +41,7 @@ def torch_model_source(
     pretrained = cfg.pretrained if need_weights else None
     model = zoo.create_model(cfg.arch, texture_dim=cfg.texture_dim, pretrained=pretrained)
     keys = {mode: frozenset(model.trainable_state_keys(mode)) for mode in zoo.TRAIN_MODES}
-    info = ModelInfo(
+    info = ArchInfo(
         arch=cfg.arch, texture_dim=cfg.texture_dim, init=str(model.init), trainable_keys=keys
     )
     weights = export_weights.state_to_numpy(model) if need_weights else None
@@ -52,7 +52,7 @@ def _info_path(state: State) -> Path:
     return state.dir / "model.json"
 
 
-def save_model_info(state: State, info: ModelInfo) -> None:
+def save_model_info(state: State, info: ArchInfo) -> None:
     doc = {
         "arch": info.arch,
         "texture_dim": info.texture_dim,
@@ -62,11 +62,11 @@ def save_model_info(state: State, info: ModelInfo) -> None:
     write_atomic(_info_path(state), json.dumps(doc, indent=1).encode(), sync_dir=True)
 
 
-def load_model_info(state: State) -> ModelInfo | None:
+def load_model_info(state: State) -> ArchInfo | None:
     """The facts saved with version 0 (None if absent or unreadable: ask torch again)."""
     try:
         doc = json.loads(_info_path(state).read_text())
-        return ModelInfo(
+        return ArchInfo(
             arch=str(doc["arch"]),
             texture_dim=int(doc["texture_dim"]),
             init=str(doc["init"]),
@@ -76,7 +76,7 @@ def load_model_info(state: State) -> ModelInfo | None:
         return None
 
 
-def ensure_initial_version(state: State, cfg: ModelConfig, source: ModelSource) -> ModelInfo:
+def ensure_initial_version(state: State, cfg: ModelConfig, source: ModelSource) -> ArchInfo:
     """Create global version 0 if the state has none; check the state matches ``cfg``.
 
     The architecture facts are saved next to the state (``model.json``), so a restart does
@@ -102,7 +102,7 @@ def ensure_initial_version(state: State, cfg: ModelConfig, source: ModelSource) 
         return saved
     info, _ = source(cfg, False)
     # the init recorded in version 0 wins (a restart must not rename it)
-    info = ModelInfo(
+    info = ArchInfo(
         arch=info.arch,
         texture_dim=info.texture_dim,
         init=state.checkpoint_metadata(0).get("init", info.init),

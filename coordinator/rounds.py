@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ArchInfo:
     """What the coordinator knows about the architecture (computed once at start-up)."""
 
     arch: str
@@ -71,7 +71,7 @@ class RoundMachine:
         state: State,
         strategy: Strategy,
         publisher: Publisher,
-        model: ModelInfo,
+        model: ArchInfo,
         clock: Callable[[], float],
         hook: Hook | None = None,
         verify_update: Callable[[UpdateManifest], None] | None = None,

@@ -126,7 +126,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             check_name(_coerce(k, str, where), f"{where} key"): _coerce(v, args[1], f"{where}.{k}")
             for k, v in value.items()
         }
-    if isinstance(tp, type) and issubclass(tp, Message):
+    if isinstance(tp, type) and issubclass(tp, JsonMessage):
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
@@ -136,7 +136,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _to_json(value: Any) -> Any:
-    if isinstance(value, Message):
+    if isinstance(value, JsonMessage):
         return value.to_dict()
     if isinstance(value, tuple | list):
         return [_to_json(v) for v in value]
@@ -154,7 +154,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-class Message:
+class JsonMessage:
     """Base of every message: generic (de)serialisation driven by the field annotations."""
 
     KIND: ClassVar[str]
@@ -253,7 +253,7 @@ def check_schema(schema: Any, kind: str, versions: Sequence[int] = (SCHEMA_VERSI
 
 
 @dataclass(frozen=True)
-class PayloadManifest(Message):
+class PayloadManifest(JsonMessage):
     """Size and SHA-256 of a chunked payload and of each chunk (see chunking.split)."""
 
     KIND: ClassVar[str] = "payload"
@@ -285,7 +285,7 @@ class PayloadManifest(Message):
 
 
 @dataclass(frozen=True)
-class RoundConfig(Message):
+class RoundConfig(JsonMessage):
     """What the coordinator asks nodes to do in an open round."""
 
     KIND: ClassVar[str] = "round_config"
@@ -314,7 +314,7 @@ class RoundConfig(Message):
 
 
 @dataclass(frozen=True)
-class GlobalManifest(Message):
+class GlobalManifest(JsonMessage):
     """Retained on fl/F/global/current: the current global model and the open round."""
 
     KIND: ClassVar[str] = "global_manifest"
@@ -345,7 +345,7 @@ class GlobalManifest(Message):
 
 
 @dataclass(frozen=True)
-class UpdateManifest(Message):
+class UpdateManifest(JsonMessage):
     """A node's encoded weight delta for one round, chunked on .../update/N/chunk/i."""
 
     KIND: ClassVar[str] = "update_manifest"
@@ -376,7 +376,7 @@ class UpdateManifest(Message):
 
 
 @dataclass(frozen=True)
-class Ack(Message):
+class Ack(JsonMessage):
     """The coordinator's answer to a node's update for a round."""
 
     KIND: ClassVar[str] = "ack"
@@ -395,7 +395,7 @@ class Ack(Message):
 
 
 @dataclass(frozen=True)
-class NodeStatus(Message):
+class NodeStatus(JsonMessage):
     """Retained on fl/F/node/N/status; the last will publishes state "offline"."""
 
     KIND: ClassVar[str] = "node_status"
@@ -416,7 +416,7 @@ class NodeStatus(Message):
 
 
 @dataclass(frozen=True)
-class CalibrationReport(Message):
+class CalibrationReport(JsonMessage):
     """Aggregate calibration statistics of a node's validation slices on the fixed grids of
     ``fl_protocol.calibration`` (``GRID_ID``): summed NLL per temperature and, per logit
     margin, how many covid / non-covid slices reach it. Counts and sums only."""
@@ -442,7 +442,7 @@ EVAL_CALIBRATION_VERSION = 2  # an eval report with calibration statistics
 
 
 @dataclass(frozen=True)
-class EvalReport(Message):
+class EvalReport(JsonMessage):
     """A node's metrics of global model ``model_version`` on its local validation slices.
 
     Metrics that are undefined (AUC with one class present) are omitted, never NaN.

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 
 from coordinator.config import ModelConfig
-from coordinator.rounds import ModelInfo
+from coordinator.rounds import ArchInfo
 from fl_protocol import codecs, topics
 from fl_protocol.chunking import Reassembler, split
 from fl_protocol.schemas import Ack, EvalReport, GlobalManifest, UpdateManifest
@@ -43,7 +43,7 @@ HEAD_KEYS = frozenset({"head.weight", "head.bias"})
 
 def tiny_source(
     _cfg: ModelConfig, need_weights: bool
-) -> tuple[ModelInfo, dict[str, np.ndarray] | None]:
+) -> tuple[ArchInfo, dict[str, np.ndarray] | None]:
     """A ``ModelSource`` without torch."""
     weights = tiny_weights()
     keys = {
@@ -51,7 +51,7 @@ def tiny_source(
         "last_stage": frozenset(weights),
         "head": HEAD_KEYS,
     }
-    info = ModelInfo(arch="cnn2d", texture_dim=0, init="random", trainable_keys=keys)
+    info = ArchInfo(arch="cnn2d", texture_dim=0, init="random", trainable_keys=keys)
     return info, (weights if need_weights else None)
 
 

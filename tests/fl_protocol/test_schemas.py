@@ -16,7 +16,7 @@ from fl_protocol.schemas import (
     Ack,
     EvalReport,
     GlobalManifest,
-    Message,
+    JsonMessage,
     NodeStatus,
     PayloadManifest,
     RoundConfig,
@@ -30,7 +30,7 @@ def payload(n: int = 2) -> PayloadManifest:
     return PayloadManifest(total_size=10 * n, sha256=H, chunk_size=10, chunk_sha256=[H] * n)
 
 
-def samples() -> list[Message]:
+def samples() -> list[JsonMessage]:
     return [
         payload(),
         RoundConfig(round=3, deadline_ts=1.5e9, strategy="fedprox", mu=0.01, codec="int8"),
@@ -69,7 +69,7 @@ def samples() -> list[Message]:
 
 
 @pytest.mark.parametrize("msg", samples(), ids=lambda m: m.KIND)
-def test_roundtrip_is_exact_and_canonical(msg: Message) -> None:
+def test_roundtrip_is_exact_and_canonical(msg: JsonMessage) -> None:
     """Each message parses back equal, with sorted keys and its schema id."""
     data = msg.to_bytes()
     assert type(msg).from_bytes(data) == msg
@@ -97,7 +97,7 @@ def test_wrong_kind_is_refused() -> None:
         GlobalManifest.from_bytes(Ack(round=1, node="n", status="complete").to_bytes())
 
 
-def _mutate(msg: Message, **changes: object) -> bytes:
+def _mutate(msg: JsonMessage, **changes: object) -> bytes:
     obj = msg.to_dict()
     obj.update(changes)
     return json.dumps(obj).encode()
@@ -217,7 +217,7 @@ _json = st.recursive(
 
 @settings(max_examples=150, deadline=None)
 @given(obj=_json, kind=st.sampled_from([type(m) for m in samples()]))
-def test_fuzzed_json_only_ever_raises_schema_error(obj: object, kind: type[Message]) -> None:
+def test_fuzzed_json_only_ever_raises_schema_error(obj: object, kind: type[JsonMessage]) -> None:
     with contextlib.suppress(SchemaError):
         kind.from_bytes(json.dumps(obj).encode())
 
