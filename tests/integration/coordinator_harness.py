@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 from coordinator.config import load_config
 from coordinator.model_init import ensure_initial_version
 from coordinator.state import State
+from fl_protocol.errors import TransportError
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode, NodeThread, tiny_source
 
@@ -185,3 +187,30 @@ def check_federation(config: Path, threads: dict[str, NodeThread]) -> None:
         assert len(set(nonces)) == len(nonces) == 2 * len(SAMPLES)
     finally:
         state.close()
+
+
+class ResilientNode(NodeThread):
+    """A ``NodeThread`` that, like a real node, keeps its update and carries on when the broker
+    is away (a publish fails with TransportError) instead of dying."""
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._loop()
+                return
+            except TransportError:
+                time.sleep(0.5)  # pending update kept; resent once the broker is back
+            except BaseException as exc:  # surfaced by the test
+                self.errors.append(exc)
+                return
+
+
+def make_resilient_nodes(port: int, chunk_size: int = 16 * 1024) -> dict[str, NodeThread]:
+    out: dict[str, NodeThread] = {}
+    for name, n in SAMPLES.items():
+        transport = PahoTransport(
+            MqttSettings(host="127.0.0.1", port=port, client_id=f"node-{name}", reconnect_max_s=2)
+        )
+        node = FakeNode(transport, name, FEDERATION)
+        out[name] = ResilientNode(node, n, final_version=2, chunk_size=chunk_size)
+    return out

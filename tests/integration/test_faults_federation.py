@@ -34,17 +34,13 @@ import pytest
 
 from coordinator.state import State
 from fedscan.brokers.mosquitto import Mosquitto
-from fl_protocol.errors import TransportError
-from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.conftest import ReliabilityProfile
-from tests.coordinator.fakes import FakeNode, NodeThread
 from tests.helpers.wait import wait_for
 from tests.integration.coordinator_harness import (
-    FEDERATION,
-    SAMPLES,
     accepted,
     all_finished,
     check_federation,
+    make_resilient_nodes,
     seed_state,
     start_coordinator,
     start_nodes,
@@ -54,33 +50,6 @@ from tests.integration.coordinator_harness import (
 from tests.integration.fault_helpers import REPO
 
 pytestmark = pytest.mark.integration
-
-
-class ResilientNode(NodeThread):
-    """A ``NodeThread`` that, like a real node, keeps its update and carries on when the broker
-    is away (a publish fails with TransportError) instead of dying."""
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self._loop()
-                return
-            except TransportError:
-                time.sleep(0.5)  # pending update kept; resent once the broker is back
-            except BaseException as exc:  # surfaced by the test
-                self.errors.append(exc)
-                return
-
-
-def make_nodes(port: int, chunk_size: int = 16 * 1024) -> dict[str, NodeThread]:
-    out: dict[str, NodeThread] = {}
-    for name, n in SAMPLES.items():
-        transport = PahoTransport(
-            MqttSettings(host="127.0.0.1", port=port, client_id=f"node-{name}", reconnect_max_s=2)
-        )
-        node = FakeNode(transport, name, FEDERATION)
-        out[name] = ResilientNode(node, n, final_version=2, chunk_size=chunk_size)
-    return out
 
 
 def start_driver(config: Path, kill_at: str, log: Path) -> subprocess.Popen[bytes]:
@@ -119,7 +88,7 @@ def test_coordinator_sigkilled_at_a_phase_resumes_and_counts_each_update_once(
     config = write_config(tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}")
     seed_state(config)
     log = tmp_path / "coordinator.log"
-    threads = make_nodes(mosquitto.port)
+    threads = make_resilient_nodes(mosquitto.port)
     proc = start_driver(config, kill_at, log)
     try:
         start_nodes(threads)
@@ -152,7 +121,7 @@ def test_coordinator_sigkilled_twice_while_aggregating(
     config = write_config(tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}")
     seed_state(config)
     log = tmp_path / "coordinator.log"
-    threads = make_nodes(mosquitto.port)
+    threads = make_resilient_nodes(mosquitto.port)
     proc = start_driver(config, "checkpoint_written:1", log)
     try:
         start_nodes(threads)
@@ -205,7 +174,7 @@ def broker_outage_mid_round(tmp_path: Path, broker: Mosquitto, outage_s: float) 
     config = write_config(tmp_path, f"mqtt://127.0.0.1:{broker.port}")
     state_dir = seed_state(config)
     log = tmp_path / "coordinator.log"
-    threads = make_nodes(broker.port, chunk_size=64)
+    threads = make_resilient_nodes(broker.port, chunk_size=64)
     proc = start_coordinator(config, log)
     try:
         start_nodes(threads)

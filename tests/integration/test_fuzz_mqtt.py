@@ -42,7 +42,7 @@ from tests.integration.coordinator_harness import (
     FEDERATION,
     all_finished,
     check_federation,
-    make_nodes,
+    make_resilient_nodes,
     seed_state,
     start_coordinator,
     start_nodes,
@@ -242,7 +242,7 @@ def test_garbage_at_a_real_coordinator_over_mosquitto(
     config = write_config(tmp_path, f"mqtt://127.0.0.1:{mosquitto.port}")
     seed_state(config)
     log = tmp_path / "coordinator.log"
-    threads = make_nodes(mosquitto.port)
+    threads = make_resilient_nodes(mosquitto.port)
     proc = start_coordinator(config, log)
     rogue = rogue_client(mosquitto.port)
     try:
