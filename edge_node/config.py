@@ -308,7 +308,7 @@ class SeriesConfig:
 
     enabled: bool = True  # track series and make a verdict when one completes
     quiet_time_s: float = 30.0  # a series is complete this long after its last instance
-    check_interval_s: float = 1.0  # how often the tracker looks for completed series
+    check_interval_s: float = 0.25  # how often the tracker looks for completed series
     rule: str = "vote"  # series verdict rule (edge_node.series.verdict.RULES; README)
     top_k: int = 5  # slices the top_k_mean rule averages
     chest_only: bool = True  # skip non-chest images (head, abdomen, scouts) before inference

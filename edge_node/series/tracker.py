@@ -68,7 +68,7 @@ class SeriesTracker:
         operating_point: Callable[[], OperatingPoint | None],
         publish: Publish | None = None,
         clock: Callable[[], float] = time.time,
-        check_interval_s: float = 1.0,
+        check_interval_s: float = 0.25,
     ) -> None:
         self.store = store
         self.rule = rule
