@@ -164,3 +164,19 @@ def dump_toml(doc: Mapping[str, Any], _prefix: str = "") -> str:
             if body:
                 lines.append(body)
     return "\n".join(lines) + "\n"
+
+
+def plain_fields(obj: Any) -> dict[str, Any]:
+    """The fields of a dataclass instance as JSON-able values: paths as strings, tuples as
+    lists, nested objects with a ``to_dict()`` as their dict (job files, experiment JSON)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif hasattr(v, "to_dict"):
+            v = v.to_dict()
+        out[f.name] = v
+    return out

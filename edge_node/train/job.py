@@ -17,6 +17,7 @@ from typing import Any
 from edge_node.config import NodeConfig
 from edge_node.errors import TrainingError
 from edge_node.layout import StateLayout
+from fl_protocol.config_types import plain_fields
 from fl_protocol.metrics import Metrics
 from fl_protocol.schemas import TRAIN_MODES as MODES
 
@@ -79,13 +80,7 @@ class TrainJob:
         return StateLayout(self.state_dir).train
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainJob:
@@ -204,17 +199,7 @@ class TrainResult:
     operating_point: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Path):
-                v = str(v)
-            elif isinstance(v, Metrics):
-                v = v.to_dict()
-            elif isinstance(v, tuple):
-                v = list(v)
-            d[f.name] = v
-        return d
+        return plain_fields(self)  # Metrics fields become their to_dict()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainResult:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedscan.experiment.errors import ExperimentError
 from fedscan.experiment.partition import PARTITIONS
+from fl_protocol.config_types import plain_fields
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,6 @@ class ExperimentConfig:
         return self.json_out.parent / f"{self.json_out.stem}-work"
 
     def describe(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, tuple):
-                d[k] = list(v)
+        d = plain_fields(self)
         d["total_epochs"] = self.total_epochs
         return d
