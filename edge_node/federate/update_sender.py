@@ -138,7 +138,9 @@ class UpdateSender:
         fed_dir = federation_dir(config)
         self.outbox = Outbox(fed_dir / "outbox")
         self._submitted_path = fed_dir / SUBMITTED_FILE
-        self._submitted = self._load_submitted()
+        # An update in the outbox counts as submitted even when a kill came between storing it
+        # and writing the submitted list: a restarted node resends it, never trains it again.
+        self._submitted = self._load_submitted() | {u.round for u in self.outbox.pending()}
         self.signing_key: Ed25519PrivateKey | None = None
         if config.federation.signing_key is not None:
             self.signing_key = load_private_key(config.federation.signing_key)

@@ -168,6 +168,23 @@ def test_a_restarted_node_resends_the_same_update_and_it_counts_once(tmp_path: P
     assert coord.counted == {(ROUND, "n1"): [pending.manifest.nonce]}
 
 
+def test_killed_between_storing_and_recording_the_update_never_trains_the_round_again(
+    tmp_path: Path,
+) -> None:
+    """The kill lands after the update reached the outbox but before submitted.json was
+    written (seen in the three-node Mosquitto test): the restarted node still counts the round
+    as submitted, so it resends the stored update instead of training the round again."""
+    broker = MemoryBroker()
+    setup = Setup(tmp_path)
+    first = connect(broker, setup, Clock())
+    first.build(setup.manifest, setup.result, setup.global_path)
+    first.transport.disconnect()
+    first._submitted_path.unlink()  # the write the kill prevented
+    restarted = connect(broker, setup, Clock())
+    assert restarted.has_submitted(ROUND)
+    assert [u.round for u in restarted.pending()] == [ROUND]
+
+
 def test_eval_report_carries_only_aggregate_numbers(tmp_path: Path) -> None:
     report = eval_report(ROUND, "n1", BASE_VERSION, metrics())
     assert report.n_val == 8 and report.confusion == ((3, 1), (0, 4))
