@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_node.errors import StoreError
+from edge_node.series.header import SeriesHeader
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +165,15 @@ class SeriesNote:
     sop_instance_uid: str
     patient_key: str | None = None
     modality: str = ""
-    patient_name: str = ""
-    patient_id: str = ""
-    accession_number: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    study_description: str = ""
-    referring_physician: str = ""
-    series_number: int | None = None
-    series_description: str = ""
-    body_part: str = ""
-    protocol_name: str = ""
-    expected_instances: int | None = None
+    header: SeriesHeader = field(default_factory=SeriesHeader)  # what the file's header says
     skip_reason: str | None = None  # set when the instance was skipped (e.g. not_chest:*)
+
+    def column(self, name: str) -> Any:
+        """A studies/series column: the note's own field, else the header's."""
+        return getattr(self, name) if name in _NOTE_FIELDS else getattr(self.header, name)
+
+
+_NOTE_FIELDS = frozenset(SeriesNote.__dataclass_fields__)
 
 
 _STUDY_COLS = (
@@ -240,7 +237,7 @@ def _file_series(c: sqlite3.Connection, note: SeriesNote, now: float) -> None:
         (note.sop_instance_uid,),
     ).fetchone()
     new = 0 if seen else 1
-    study = [getattr(note, k) for k in _STUDY_COLS]
+    study = [note.column(k) for k in _STUDY_COLS]
     c.execute(
         f"INSERT INTO studies(study_instance_uid, {', '.join(_STUDY_COLS)}, first_seen,"
         f" last_seen) VALUES (?, {', '.join('?' for _ in _STUDY_COLS)}, ?, ?)"
@@ -250,7 +247,7 @@ def _file_series(c: sqlite3.Connection, note: SeriesNote, now: float) -> None:
         (note.study_instance_uid, *study, now, now),
     )
     status = "skipped" if note.skip_reason else "open"
-    header = [getattr(note, k) for k in _SERIES_HEADER_COLS]
+    header = [note.column(k) for k in _SERIES_HEADER_COLS]
     # (in SET, column names read the row as it was before this UPDATE)
     reopen = (
         ""
@@ -265,7 +262,7 @@ def _file_series(c: sqlite3.Connection, note: SeriesNote, now: float) -> None:
         note.study_instance_uid,
         *header,
         new,
-        note.expected_instances,
+        note.header.expected_instances,
         now,
         now,
         status,

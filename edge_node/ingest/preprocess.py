@@ -62,6 +62,7 @@ from edge_node.ingest.intensity import (
     windowed,
 )
 from edge_node.series.chest import ChestPolicy, content_reason, header_reason, header_says_chest
+from edge_node.series.header import SeriesHeader
 
 __all__ = [
     "DecodeLimits",
@@ -168,26 +169,6 @@ class SliceMeta:
     # them). Patient name/ID stay in the local SQLite: never logged, never sent.
     header: SeriesHeader | None = None
     lung_air: float | None = None  # chest content probe (edge_node.series.chest), hu path only
-
-
-@dataclass(frozen=True)
-class SeriesHeader:
-    """The study and series attributes of one slice, as text ("" when absent)."""
-
-    patient_name: str = ""
-    patient_id: str = ""
-    accession_number: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    study_description: str = ""
-    referring_physician: str = ""
-    series_number: int | None = None
-    series_description: str = ""
-    body_part: str = ""
-    protocol_name: str = ""
-    # Instances the series will hold when a header says so (NumberOfSlices, or
-    # ImagesInAcquisition); None when unknown.
-    expected_instances: int | None = None
 
 
 def _int_or_none(ds: Dataset, keyword: str) -> int | None:

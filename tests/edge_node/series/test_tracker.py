@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_node.results.common import SeriesFinding
+from edge_node.series.header import SeriesHeader
 from edge_node.series.tracker import OperatingPoint, SeriesTracker
 from edge_node.store import FileRecord, PredictionRow, SeriesNote, Store
 
@@ -32,10 +33,12 @@ def _slice(store: Store, i: int, p: float, *, series: str = SERIES, expected: in
         sop_instance_uid=sop,
         patient_key="k",
         modality="CT",
-        patient_name="Doe^Jane",
-        patient_id="TP-1",
-        series_description="Lung 1.0",
-        expected_instances=expected,
+        header=SeriesHeader(
+            patient_name="Doe^Jane",
+            patient_id="TP-1",
+            series_description="Lung 1.0",
+            expected_instances=expected,
+        ),
         skip_reason=skip,
     )
     outcome = "skipped" if skip else "predicted"
