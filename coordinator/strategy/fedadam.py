@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coordinator.errors import ConfigError, StateError
+from coordinator.errors import ConfigError
 from coordinator.strategy.base import register_strategy
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.utils import Weights, adam_update
@@ -50,26 +50,17 @@ class FedAdam(FedAvg):
         self.steps = 0
 
     def finish(self) -> Weights:
-        global_weights = self._global
-        if global_weights is None:
-            raise StateError("finish() before begin_round()")
-        out = self.integer_tensors()
-        mean = self.mean_delta()
-        for key, x in global_weights.items():
-            if key in out:
-                continue
-            delta = mean.pop(key, None)
-            if delta is None:
-                out[key] = x.copy()  # no node trained this tensor: no step, moments kept
-                continue
-            m = self.m.get(key, np.zeros(x.shape, np.float32))
-            v = self.v.get(key, np.full(x.shape, self.tau**2, np.float32))
-            out[key], self.m[key], self.v[key] = adam_update(
-                x, -delta, m, v, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau
-            )
+        out = super().finish()
         self.steps += 1
-        self._global = None
         return out
+
+    def server_step(self, key: str, g: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        m = self.m.get(key, np.zeros(g.shape, np.float32))
+        v = self.v.get(key, np.full(g.shape, self.tau**2, np.float32))
+        new, self.m[key], self.v[key] = adam_update(
+            g, -mean_delta, m, v, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau
+        )
+        return new
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {f"m/{k}": v for k, v in self.m.items()}

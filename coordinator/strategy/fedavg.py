@@ -93,10 +93,14 @@ class FedAvg(Strategy):
             if key in out:
                 continue
             d = mean.pop(key, None)
-            if d is None:
-                out[key] = g.copy()
-            else:
-                d += g  # reuse the accumulator buffer for the result
-                out[key] = d.astype(g.dtype, copy=False)
+            # no node trained this tensor: no step (a server optimiser keeps its state)
+            out[key] = g.copy() if d is None else self.server_step(key, g, d)
         self._global = None
         return out
+
+    def server_step(self, key: str, g: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        """The new value of tensor ``key`` from its global value and the round's mean delta
+        (``mean_delta`` is the accumulator, free to reuse). FedAvg: ``g + mean_delta``;
+        server optimisers (FedAvgM, FedAdam) override this step only."""
+        mean_delta += g  # reuse the accumulator buffer for the result
+        return mean_delta.astype(g.dtype, copy=False)

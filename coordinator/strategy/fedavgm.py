@@ -17,10 +17,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coordinator.errors import ConfigError, StateError
+from coordinator.errors import ConfigError
 from coordinator.strategy.base import register_strategy
 from coordinator.strategy.fedavg import FedAvg
-from coordinator.strategy.utils import Weights
 
 
 @register_strategy
@@ -35,24 +34,10 @@ class FedAvgM(FedAvg):
         self.server_lr = server_lr  # step size on the momentum buffer
         self.velocity: dict[str, np.ndarray] = {}
 
-    def finish(self) -> Weights:
-        global_weights = self._global
-        if global_weights is None:
-            raise StateError("finish() before begin_round()")
-        out = self.integer_tensors()
-        mean = self.mean_delta()
-        for key, x in global_weights.items():
-            if key in out:
-                continue
-            delta = mean.pop(key, None)
-            if delta is None:
-                out[key] = x.copy()  # no node trained this tensor: no step, buffer kept
-                continue
-            v = self.beta * self.velocity.get(key, np.zeros(x.shape, np.float32)) + delta
-            self.velocity[key] = v.astype(np.float32)
-            out[key] = (x + self.server_lr * self.velocity[key]).astype(x.dtype)
-        self._global = None
-        return out
+    def server_step(self, key: str, g: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        v = self.beta * self.velocity.get(key, np.zeros(g.shape, np.float32)) + mean_delta
+        self.velocity[key] = v.astype(np.float32)
+        return (g + self.server_lr * self.velocity[key]).astype(g.dtype)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"v/{k}": v for k, v in self.velocity.items()}
