@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import re
@@ -34,6 +33,7 @@ from typing import Any
 
 from edge_node.layout import StateLayout
 from fedscan.bench.dicom_peers import DcmtkStoreScp, RecordingScp, dcmtk, dcmtk_available
+from fedscan.bench.results import judge, write_result
 from fedscan.errors import BenchError
 from fedscan.samples import find_samples, missing
 
@@ -360,20 +360,7 @@ def run(args: argparse.Namespace) -> int:
             result["series_to_sr"] = sr
             result["sr_after_quiet_s"] = sr.get("sr_after_quiet_s")
         result["loadavg_end"] = os.getloadavg()
-        result["targets"] = {
-            k: {
-                "target": v,
-                "measured": result.get(k),
-                "met": None
-                if result.get(k) is None
-                else (result[k] < v if k.endswith("_s") else result[k] >= v),
-            }
-            for k, v in TARGETS.items()
-        }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-        print(f"wrote {args.json}")
-    else:
-        print(text)
-    return 0
+        result["targets"] = judge(
+            result, TARGETS, is_ceiling=lambda k: k.endswith("_s"), strict=True
+        )
+    return write_result(result, args.json)

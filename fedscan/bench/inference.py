@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import sqlite3
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from edge_node.layout import StateLayout
+from fedscan.bench.results import judge, write_result
 from fedscan.errors import BenchError
 from fedscan.samples import find_samples, missing
 
@@ -394,20 +394,5 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 result["node_exit_code"] = node.stop()
         result["loadavg_end"] = os.getloadavg()
-        result["targets"] = {
-            k: {
-                "target": v,
-                "measured": result.get(k),
-                "met": None
-                if result.get(k) is None
-                else (result[k] <= v if k.endswith("_ms") else result[k] >= v),
-            }
-            for k, v in TARGETS.items()
-        }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-        print(f"wrote {args.json}")
-    else:
-        print(text)
-    return 0
+        result["targets"] = judge(result, TARGETS, is_ceiling=lambda k: k.endswith("_ms"))
+    return write_result(result, args.json)
