@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from coordinator.state import State
 from fl_protocol.errors import TransportError
 from fl_protocol.transport import MqttSettings, PahoTransport
 from tests.coordinator.fakes import FakeNode, NodeThread, tiny_source
+from tests.helpers.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,6 +59,21 @@ def start_coordinator(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env=env,
         )
+
+
+def await_rounds(
+    proc: subprocess.Popen[bytes], log: Path, done: Callable[[], bool], timeout: float, what: str
+) -> None:
+    """Wait until ``done`` (the nodes finished their rounds), then for the coordinator to exit
+    0 by itself; its log tail is the failure message."""
+    wait_for(done, timeout, what, (log,), (proc,), exit_grace_s=15.0)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+def kill_if_running(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
 def make_nodes(port: int, names: str, samples: dict[str, int]) -> dict[str, NodeThread]:

@@ -19,7 +19,10 @@ from tests.coordinator.fakes import NodeThread
 from tests.helpers.wait import wait_for
 from tests.integration.coordinator_harness import (
     accepted,
+    all_finished,
+    await_rounds,
     check_two_rounds,
+    kill_if_running,
     make_nodes,
     seed_state,
     start_coordinator,
@@ -51,13 +54,9 @@ def run_two_rounds(config: Path, tmp_path: Path, port: int | None, timeout: floa
         for t in threads.values():
             t.node.connect()
             t.start()
-        done = lambda: all(t.finished.is_set() for t in threads.values())  # noqa: E731
-        wait_for(done, timeout, "two rounds", (log,), (proc,), exit_grace_s=15.0)
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        await_rounds(proc, log, lambda: all_finished(threads), timeout, "two rounds")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_running(proc)
         stop_all(threads)
     check_two_rounds(config, threads)
 
@@ -119,19 +118,9 @@ def test_coordinator_killed_mid_round_resumes_on_mosquitto(
         threads["c"].start()
         wait_for(lambda: 1 in threads["c"].node.pending, 30, "node c to send its update")
         proc = start_coordinator(config, log)
-        wait_for(
-            lambda: all(t.finished.is_set() for t in threads.values()),
-            90,
-            "two rounds",
-            (log,),
-            (proc,),
-            exit_grace_s=15.0,
-        )
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        await_rounds(proc, log, lambda: all_finished(threads), 90, "two rounds")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_running(proc)
         stop_all(threads)
     check_two_rounds(config, threads)
 
@@ -168,12 +157,8 @@ def test_mosquitto_restarted_mid_round_the_round_still_completes(tmp_path: Path)
             broker.start()
             threads["c"].node.connect()
             threads["c"].start()
-            done = lambda: all(t.finished.is_set() for t in threads.values())  # noqa: E731
-            wait_for(done, 90, "two rounds", (log,), (proc,), exit_grace_s=15.0)
-            assert proc.wait(60) == 0, log.read_text()[-3000:]
+            await_rounds(proc, log, lambda: all_finished(threads), 90, "two rounds")
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_if_running(proc)
             stop_all(threads)
         check_two_rounds(config, threads)

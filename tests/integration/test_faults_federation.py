@@ -39,7 +39,9 @@ from tests.helpers.wait import wait_for
 from tests.integration.coordinator_harness import (
     accepted,
     all_finished,
+    await_rounds,
     check_federation,
+    kill_if_running,
     make_resilient_nodes,
     seed_state,
     start_coordinator,
@@ -96,19 +98,9 @@ def test_coordinator_sigkilled_at_a_phase_resumes_and_counts_each_update_once(
         assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
         assert not all_finished(threads)
         proc = start_coordinator(config, log)
-        wait_for(
-            lambda: all_finished(threads),
-            90,
-            "two rounds after the restart",
-            (log,),
-            (proc,),
-            exit_grace_s=15.0,
-        )
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        await_rounds(proc, log, lambda: all_finished(threads), 90, "two rounds after the restart")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_running(proc)
         stop_all(threads)
     check_federation(config, threads)
 
@@ -136,19 +128,9 @@ def test_coordinator_sigkilled_twice_while_aggregating(
             if again is not None:
                 proc = start_driver(config, again, log)
         proc = start_coordinator(config, log)
-        wait_for(
-            lambda: all_finished(threads),
-            90,
-            "two rounds after the restarts",
-            (log,),
-            (proc,),
-            exit_grace_s=15.0,
-        )
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        await_rounds(proc, log, lambda: all_finished(threads), 90, "two rounds after the restarts")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_running(proc)
         stop_all(threads)
     check_federation(config, threads)
 
@@ -192,19 +174,11 @@ def broker_outage_mid_round(tmp_path: Path, broker: Mosquitto, outage_s: float) 
         assert proc.poll() is None, "the coordinator died while the broker was away"
         broker.start()
         timeout = 120 + outage_s
-        wait_for(
-            lambda: all_finished(threads),
-            timeout,
-            "two rounds after the outage",
-            (log,),
-            (proc,),
-            exit_grace_s=15.0,
+        await_rounds(
+            proc, log, lambda: all_finished(threads), timeout, "two rounds after the outage"
         )
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_running(proc)
         stop_all(threads)
     check_federation(config, threads)
     print(f"outage {outage_s:.0f}s with {at_stop} of 3 updates of round 1 accepted")

@@ -15,8 +15,9 @@ from coordinator.state import State
 from coordinator.strategy.utils import is_counter, l2_norm
 from fedscan.brokers.mosquitto import Mosquitto
 from tests.coordinator.fakes import tiny_weights
-from tests.helpers.wait import wait_for
 from tests.integration.coordinator_harness import (
+    await_rounds,
+    kill_if_running,
     make_nodes,
     seed_state,
     start_coordinator,
@@ -63,19 +64,9 @@ def test_three_nodes_one_hostile_every_round_completes_from_the_other_two(
             t.node.connect()
             t.start()
         honest = (threads["a"], threads["b"])
-        wait_for(
-            lambda: all(t.finished.is_set() for t in honest),
-            90,
-            "two rounds",
-            (log,),
-            (proc,),
-            exit_grace_s=15.0,
-        )
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        await_rounds(proc, log, lambda: all(t.finished.is_set() for t in honest), 90, "two rounds")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_if_running(proc)
         stop_all(threads)
     doc = status_json(config)
     rounds = doc["rounds"]
