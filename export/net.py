@@ -32,6 +32,22 @@ from export._registry import Backbone
 
 GRAY_MEAN = 0.5  # see module docstring for how this was chosen
 GRAY_STD = 0.35
+# Per-feature centre and scale of the 22 GLCM + LBP texture features (edge_node.ingest.texture,
+# FEATURE_NAMES order), measured on the UCSD COVID-CT official train split (425 slices, display
+# path, 224 x 224). The features' own ranges are fixed ([-1, 1]) but their spread is 0.01-0.1, so
+# fed raw beside a CNN embedding the linear classifier barely moves their weights (a logistic
+# regression on the standardised features reaches 0.77 test accuracy where the raw ones inside
+# the model added nothing). Constants, not running statistics: every site and the coordinator
+# build the same model, and FedAvg has nothing site-specific to average.
+TEXTURE_CENTER: tuple[float, ...] = (
+    0.2739, 0.3361, 0.0365, 0.0470, 0.6809, 0.6381, 0.2438, 0.2338, 0.9613, 0.9376, 0.0689,
+    0.0641, 0.0476, 0.0721, 0.0427, 0.0933, 0.1827, 0.1273, 0.0665, 0.0779, 0.1655, 0.1244,
+)  # fmt: skip
+TEXTURE_SCALE: tuple[float, ...] = (
+    0.0502, 0.0499, 0.0097, 0.0113, 0.0765, 0.0779, 0.0970, 0.0973, 0.0189, 0.0267, 0.0603,
+    0.0589, 0.0241, 0.0195, 0.0124, 0.0162, 0.0507, 0.0366, 0.0110, 0.0146, 0.0914, 0.0400,
+)  # fmt: skip
+TEXTURE_CLIP = 8.0  # standardised texture features are clipped to +-8 scales
 NUM_CLASSES = 2  # index 0 = non_covid, 1 = covid
 CLASS_NAMES: tuple[str, ...] = ("non_covid", "covid")
 
@@ -56,6 +72,28 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class TextureNormalize(nn.Module):
+    """``(t - TEXTURE_CENTER) / TEXTURE_SCALE`` per feature (non-persistent: not in state_dict).
+
+    Clipped to +-TEXTURE_CLIP: slices unlike the UCSD ones (lung-windowed scanner CT, a
+    near-constant image) can land tens of scales away, and one such feature must not decide the
+    logit alone. A texture vector of another length (a test's toy features) is only clipped."""
+
+    center: Tensor
+    scale: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        known = dim == len(TEXTURE_CENTER)
+        center = torch.tensor(TEXTURE_CENTER) if known else torch.zeros(dim)
+        scale = torch.tensor(TEXTURE_SCALE) if known else torch.ones(dim)
+        self.register_buffer("center", center.to(torch.float32), persistent=False)
+        self.register_buffer("scale", scale.to(torch.float32), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return ((t - self.center) / self.scale).clamp(-TEXTURE_CLIP, TEXTURE_CLIP)
+
+
 class FedscanNet(nn.Module):
     """The classifier every part of fedscan trains, federates and exports."""
 
@@ -69,6 +107,7 @@ class FedscanNet(nn.Module):
         self.num_features = backbone.num_features
         self._last_stage = backbone.last_stage
         self.normalize = Normalize()
+        self.texture_normalize = TextureNormalize(texture_dim)
         self.backbone = backbone.module
         self.head = nn.Linear(backbone.num_features + texture_dim, NUM_CLASSES)
         self.train_mode: TrainMode = "full"
@@ -85,7 +124,8 @@ class FedscanNet(nn.Module):
         if self.texture_dim:
             if texture is None:
                 raise ValueError(f"{self.arch}: this model needs texture [N, {self.texture_dim}]")
-            features = torch.cat([features, texture.to(features.dtype)], dim=1)
+            texture = self.texture_normalize(texture.to(features.dtype))
+            features = torch.cat([features, texture], dim=1)
         elif texture is not None:
             raise ValueError(f"{self.arch}: this model takes no texture input")
         out: Tensor = self.head(features)

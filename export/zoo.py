@@ -6,6 +6,8 @@ Architectures (see ``list_archs()``):
 * ``efficientnet_b0``: timm EfficientNet-B0, one input channel; last stage = the blocks at the
   final stride 32 (``blocks.5``, ``blocks.6``) + ``conv_head`` / ``bn2``.
 * ``cnn2d``: the paper's small CNN (:mod:`export.cnn2d`); last stage = ``conv2``.
+* ``resnet10_gn``: our small ResNet with GroupNorm (:mod:`export.resnet_gn`), made for FedAvg on
+  small sites; last stage = ``layer4``. Local weights files only (`fedscan pretrain` makes one).
 
 All timm backbones are built with ``num_classes=0`` (pooled features out); the classifier is
 ``FedscanNet.head`` so texture features can be concatenated to the embedding before it.
@@ -22,6 +24,7 @@ from export.cnn2d import CNN2D
 from export.errors import WeightsError
 from export.net import CLASS_NAMES, TRAIN_MODES, FedscanNet
 from export.pretrained import describe, timm_backbone
+from export.resnet_gn import ResNetGN
 
 __all__ = [
     "CLASS_NAMES",
@@ -65,8 +68,20 @@ def _cnn2d(pretrained: PretrainedSpec) -> Backbone:
     if pretrained == "hub":
         raise WeightsError("cnn2d: there are no hub weights for the paper's CNN; use a local file")
     if pretrained is not None:
-        _load_cnn2d_file(module, Path(pretrained))
+        _load_own_file("cnn2d", module, Path(pretrained))
     return Backbone(module, module.num_features, ("conv2",), describe(pretrained))
+
+
+@register_arch("resnet10_gn")
+def _resnet10_gn(pretrained: PretrainedSpec) -> Backbone:
+    module = ResNetGN()
+    if pretrained == "hub":
+        raise WeightsError(
+            "resnet10_gn: there are no hub weights for it; use a local file (`fedscan pretrain`)"
+        )
+    if pretrained is not None:
+        _load_own_file("resnet10_gn", module, Path(pretrained))
+    return Backbone(module, module.num_features, ("layer4",), describe(pretrained))
 
 
 def _num_features(module: torch.nn.Module) -> int:
@@ -77,16 +92,17 @@ def _num_features(module: torch.nn.Module) -> int:
     return value
 
 
-def _load_cnn2d_file(module: CNN2D, path: Path) -> None:
-    """A cnn2d backbone state_dict, bare or as ``backbone.*`` inside fedscan weights."""
+def _load_own_file(arch: str, module: torch.nn.Module, path: Path) -> None:
+    """A backbone state_dict of one of our own networks, bare or as ``backbone.*`` inside
+    fedscan weights (a `fedscan pretrain` output, or a trained model's weights file)."""
     if not path.is_file():
-        raise WeightsError(f"cnn2d: pretrained weights file not found: {path}")
+        raise WeightsError(f"{arch}: pretrained weights file not found: {path}")
     from timm.models import load_state_dict
 
     try:
         state = load_state_dict(str(path))
     except Exception as exc:
-        raise WeightsError(f"cnn2d: cannot read weights from {path.name}: {exc}") from exc
+        raise WeightsError(f"{arch}: cannot read weights from {path.name}: {exc}") from exc
     if any(k.startswith("backbone.") for k in state):
         state = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
@@ -94,4 +110,4 @@ def _load_cnn2d_file(module: CNN2D, path: Path) -> None:
     try:
         module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"cnn2d: weights in {path.name} do not match: {exc}") from exc
+        raise WeightsError(f"{arch}: weights in {path.name} do not match: {exc}") from exc

@@ -72,7 +72,7 @@ def validation_sets(ctx: SeedContext, books: dict[str, Path]) -> dict[str, Sampl
     out: dict[str, SampleSet] = {}
     for name, db in books.items():
         job = _job(ctx, db, ctx.work / "val" / name, 1, ctx.seed, ctx.init_weights)
-        out[name] = load_split(job, texture=False).val
+        out[name] = load_split(job, texture=ctx.config.texture).val
     return out
 
 
@@ -120,14 +120,17 @@ class FedAvgOutcome:
     seconds: float
 
 
-def initial_weights(arch: str, seed: int, path: Path) -> Path:
-    """Version 0: a randomly initialised ``arch`` (no pretrained weights), seeded."""
+def initial_weights(arch: str, seed: int, path: Path, *, texture: bool = False) -> Path:
+    """Version 0: a randomly initialised ``arch`` (no pretrained weights), seeded; with the
+    texture-feature input when ``texture``."""
     import torch
 
+    from edge_node.ingest.texture import TEXTURE_DIM
     from export.zoo import create_model
 
     torch.manual_seed(seed)
-    return save_weights(create_model(arch), path, version=0)
+    model = create_model(arch, texture_dim=TEXTURE_DIM if texture else 0)
+    return save_weights(model, path, version=0)
 
 
 def _job(ctx: SeedContext, db: Path, out_dir: Path, epochs: int, seed: int, init: Path) -> TrainJob:
@@ -145,6 +148,7 @@ def _job(ctx: SeedContext, db: Path, out_dir: Path, epochs: int, seed: int, init
         split_salt=f"experiment-{ctx.seed}",
         patience=0,
         augment=c.augment,
+        texture_features=c.texture,
         torch_threads=c.threads,
         init_weights=init,
         resume=False,

@@ -82,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         val_fraction=args.val_fraction,
         augment=not args.no_augment,
+        texture=args.texture,
         threads=args.threads,
         jobs=args.jobs,
         strategy=args.strategy,
@@ -128,6 +129,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="local validation patients")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument(
+        "--texture", action="store_true", help="GLCM + LBP texture features beside the CNN"
+    )
     p.add_argument(
         "--folds", type=int, default=0,
         help="K-fold patient-disjoint cross-validation over every slice (default 0: official "

@@ -25,6 +25,7 @@ class ExperimentConfig:
     batch_size: int = 16
     val_fraction: float = 0.1  # the trainer's local validation share of patients (best epoch)
     augment: bool = True
+    texture: bool = False  # GLCM + LBP texture features beside the CNN embedding (every arm)
     threads: int = 1  # torch threads of each training
     jobs: int = 2  # trainings run at once (one arm of one seed each), in worker processes
     strategy: str = "fedavg"  # the coordinator's aggregation strategy (coordinator.strategy)

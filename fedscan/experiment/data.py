@@ -99,9 +99,14 @@ def write_label_book(db_path: Path, rows: Sequence[IndexRow], base: Path) -> Pat
     return db_path
 
 
-def eval_samples(rows: Sequence[IndexRow], base: Path, cache_dir: Path) -> SampleSet:
-    """The evaluation slices, preprocessed exactly as a node does (cached)."""
-    samples, report = load_labelled(records(rows, base), PreprocessParams(), cache_dir)
+def eval_samples(
+    rows: Sequence[IndexRow], base: Path, cache_dir: Path, *, texture: bool = False
+) -> SampleSet:
+    """The evaluation slices, preprocessed exactly as a node does (cached); with their texture
+    features when ``texture``."""
+    samples, report = load_labelled(
+        records(rows, base), PreprocessParams(), cache_dir, texture=texture
+    )
     if report.missing or report.unusable:
         raise ExperimentError(
             f"test set: {report.missing} missing and {report.unusable} unusable files"

@@ -87,7 +87,9 @@ def prepare_seed(
         for h in hospitals
     )
     pooled = write_label_book(work / "books" / "pooled.sqlite", pool, base)
-    init = arms.initial_weights(config.arch, seed, work / "global_v0.safetensors")
+    init = arms.initial_weights(
+        config.arch, seed, work / "global_v0.safetensors", texture=config.texture
+    )
     parts.setdefault("hospitals", {})[(seed, fold)] = [h.summary() for h in hospitals]
     return [
         Task(
@@ -337,10 +339,11 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         "pool_cache": config.work / "pool-cache",
         "eval_cache": config.work / ("pool-cache" if cv else "eval-cache"),
     }
-    eval_samples(test_rows, base, parts["eval_cache"])  # warm both caches once
-    eval_samples(pool, base, parts["pool_cache"])
+    tex = config.texture
+    eval_samples(test_rows, base, parts["eval_cache"], texture=tex)  # warm both caches once
+    eval_samples(pool, base, parts["pool_cache"], texture=tex)
     if cv:
-        eval_samples(test_rows, base, parts["pool_cache"])
+        eval_samples(test_rows, base, parts["pool_cache"], texture=tex)
     print(f"{len(pool)} pool and {len(test_rows)} test slices preprocessed "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     done_path = _done_file(config)

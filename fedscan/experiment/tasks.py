@@ -61,7 +61,7 @@ def run_task(task: Task) -> dict[str, Any]:
     t0 = time.perf_counter()
     state_dir = task.work / f"state-{task.arm}"
     link_cache(task.pool_cache, state_dir / "train" / "cache")
-    test = eval_samples(task.test_rows, task.base, task.eval_cache)
+    test = eval_samples(task.test_rows, task.base, task.eval_cache, texture=task.config.texture)
     ctx = arms.SeedContext(task.config, task.seed, task.work, state_dir, task.init_weights, test)
     books = dict(task.books)
     out: dict[str, Any] = {"seed": task.seed, "fold": task.fold, "arm": task.arm}

@@ -73,16 +73,22 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
         create_model("efficientnet_b0", pretrained=tmp_path / "nope.pth")
 
 
-def test_cnn2d_local_file(tmp_path: Path) -> None:
-    """cnn2d takes its backbone from a file (bare or fedscan weights); it has no hub weights."""
+@pytest.mark.parametrize("arch", ["cnn2d", "resnet10_gn"])
+def test_own_arch_local_file(tmp_path: Path, arch: str) -> None:
+    """Our own networks take their backbone from a file (bare or fedscan weights); they have no
+    hub weights."""
     from export.weights import save_weights
 
-    src = create_model("cnn2d")
+    src = create_model(arch)
     path = save_weights(src, tmp_path / "cnn.safetensors", version=1)
-    model = create_model("cnn2d", pretrained=path)
-    assert torch.equal(model.backbone.conv2.weight, src.backbone.conv2.weight)
+    model = create_model(arch, pretrained=path)
+    for name, tensor in src.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], tensor), name
     with pytest.raises(WeightsError, match="no hub weights"):
-        create_model("cnn2d", pretrained="hub")
+        create_model(arch, pretrained="hub")
+    other = "resnet10_gn" if arch == "cnn2d" else "cnn2d"
+    with pytest.raises(WeightsError, match="do not match"):
+        create_model(other, pretrained=path)
 
 
 def _skip_if_cached(arch: str) -> None:

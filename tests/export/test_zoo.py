@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from export.errors import UnknownArchError
-from export.net import GRAY_MEAN, GRAY_STD
+from export.net import GRAY_MEAN, GRAY_STD, TEXTURE_CENTER, TEXTURE_CLIP, TEXTURE_SCALE
 from export.zoo import FedscanNet, create_model, list_archs
 
 ARCHS = list_archs()
 TEXTURE_DIM = 22
 
 
-def test_registry_lists_the_three_archs() -> None:
+def test_registry_lists_the_four_archs() -> None:
     """The zoo offers the two timm backbones and the paper's CNN."""
-    assert ARCHS == ["cnn2d", "efficientnet_b0", "resnet18"]
+    assert ARCHS == ["cnn2d", "efficientnet_b0", "resnet10_gn", "resnet18"]
 
 
 def test_unknown_arch_error_lists_the_choices() -> None:
@@ -79,6 +79,21 @@ def test_normalisation_is_inside_the_model() -> None:
     assert not any(k.startswith("normalize") for k in model.state_dict())
 
 
+def test_texture_features_are_standardised_and_clipped_inside_the_model() -> None:
+    """The classifier sees (t - TEXTURE_CENTER) / TEXTURE_SCALE clipped to +-TEXTURE_CLIP: the
+    centre itself gives 0, one scale up gives 1, a far-off value stops at the clip. The constants
+    are not weights (nothing to federate)."""
+    model = create_model("cnn2d", texture_dim=TEXTURE_DIM)
+    center = torch.tensor(TEXTURE_CENTER).unsqueeze(0)
+    scale = torch.tensor(TEXTURE_SCALE).unsqueeze(0)
+    assert len(TEXTURE_CENTER) == len(TEXTURE_SCALE) == TEXTURE_DIM
+    assert torch.allclose(model.texture_normalize(center), torch.zeros(1, TEXTURE_DIM))
+    assert torch.allclose(model.texture_normalize(center + scale), torch.ones(1, TEXTURE_DIM))
+    far = model.texture_normalize(center + 100 * scale)
+    assert torch.equal(far, torch.full((1, TEXTURE_DIM), TEXTURE_CLIP))
+    assert not any(k.startswith("texture_normalize") for k in model.state_dict())
+
+
 @pytest.mark.parametrize("mode", ["head", "last_stage"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_train_mode_step_changes_only_trainable_state(arch: str, mode: str) -> None:
@@ -107,7 +122,7 @@ def test_train_mode_step_changes_only_trainable_state(arch: str, mode: str) -> N
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed <= trainable
     assert {"head.weight", "head.bias"} <= changed
-    if mode == "last_stage" and arch != "cnn2d":
+    if mode == "last_stage" and arch in ("resnet18", "efficientnet_b0"):
         # the last stage's BatchNorm statistics move; the frozen stem's do not
         assert any(k.endswith("running_mean") for k in changed)
     assert model.training

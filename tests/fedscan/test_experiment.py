@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.weights import read_metadata
 from fedscan.cli import main
 from fedscan.dataset import IndexRow
 from fedscan.experiment.errors import ExperimentError
@@ -61,15 +62,16 @@ def test_partition_refuses_too_few_patients() -> None:
 def test_tiny_experiment_runs_all_arms_and_writes_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """1 seed, 1 round, 1 epoch on 48 synthetic slices: the JSON has every arm's mean/std, the
-    per-hospital figures and the configuration, and the markdown table is printed."""
+    """1 seed, 1 round, 1 epoch on 48 synthetic slices (resnet10_gn with texture features): the
+    JSON has every arm's mean/std, the per-hospital figures and the configuration, and the
+    markdown table is printed."""
     torch.set_num_threads(1)
     data = generate(tmp_path / "syn", 12, seed=3, n_patients=12, size=64).parent
     out = tmp_path / "exp.json"
     rc = main(
         ["experiment", "--dataset", str(data), "--json", str(out), "--seeds", "0",
          "--rounds", "1", "--local-epochs", "1", "--threads", "1", "--jobs", "1",
-         "--partition", "size_skew"]
+         "--partition", "size_skew", "--arch", "resnet10_gn", "--texture"]
     )  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())
@@ -81,6 +83,9 @@ def test_tiny_experiment_runs_all_arms_and_writes_json(
         "hospital-1", "hospital-2", "hospital-3"
     }  # fmt: skip
     assert doc["config"]["partition"] == "size_skew" and doc["config"]["total_epochs"] == 1
+    assert doc["config"]["arch"] == "resnet10_gn" and doc["config"]["texture"] is True
+    v0 = next((tmp_path / "exp-work").rglob("global_v0.safetensors"))
+    assert read_metadata(v0)["texture_dim"] == "22" and read_metadata(v0)["arch"] == "resnet10_gn"
     assert len(doc["arms"]["fedavg"]["per_round_accuracy"]) == 2  # v0 and v1
     assert doc["arms"]["fedavg"]["simulated"] is True
     assert doc["runs"][0]["fedavg_selected_version"] in (0, 1)
