@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "bench": "fedscan.bench.cli",
     "demo": "fedscan.demo.cli",
     "experiment": "fedscan.experiment.cli",
+    "pretrain": "fedscan.pretrain.cli",
     "provision": "fedscan.provision.cli",
 }
 
@@ -46,6 +47,7 @@ TRAIN_COMMANDS: frozenset[tuple[str, ...]] = frozenset(
         ("demo",),
         ("node", "train"),
         ("experiment",),
+        ("pretrain",),
         ("bench", "inference"),
         ("bench", "train"),
         ("bench", "federation"),

@@ -7,7 +7,8 @@ FedscanError            exit 1
 ├── BenchError          exit 14  a benchmark cannot run (missing data, missing extra)
 │   └── MosquittoNotFound        (fedscan.brokers.mosquitto) no mosquitto binary
 ├── DemoError           exit 15  (fedscan.demo.errors) the demo failed
-└── ExperimentError     exit 16  (fedscan.experiment.errors) the experiment failed
+├── ExperimentError     exit 16  (fedscan.experiment.errors) the experiment failed
+└── PretrainError       exit 17  (fedscan.pretrain.errors) pretraining failed
 
 Every `fedscan` command exits with one code of ``EXIT_CODES`` (README, "Exit codes"); each
 package's error tree (edge_node, coordinator, export, fl_protocol) uses the same numbers, so
@@ -37,6 +38,7 @@ EXIT_CODES: dict[int, str] = {
     14: "a benchmark cannot run",
     15: "the demo failed (a process died, the federation did not finish in time)",
     16: "the experiment failed (bad settings, a partition that cannot be made, a failed arm)",
+    17: "pretraining failed (no usable images, bad settings)",
     130: "interrupted (Ctrl-C)",
 }
 

@@ -105,6 +105,7 @@ def test_exit_codes_form_one_table_everywhere() -> None:
         ("fedscan.errors", "BenchError"): 14,
         ("fedscan.demo.errors", "DemoError"): 15,
         ("fedscan.experiment.errors", "ExperimentError"): 16,
+        ("fedscan.pretrain.errors", "PretrainError"): 17,
     }
     for (module, name), code in expected.items():
         cls = getattr(importlib.import_module(module), name)
@@ -130,6 +131,7 @@ TRAIN_COMMANDS = [
     ["demo", "--out", "demo-out"],
     ["node", "train", "--config", "node.toml"],
     ["experiment", "--dataset", "data", "--json", "out.json"],
+    ["pretrain", "--inbox", "x", "--out", "y.safetensors"],
 ]
 
 
