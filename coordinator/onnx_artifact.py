@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from coordinator.state import State
+from fl_protocol.schemas import ServingPoint
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,22 @@ class OnnxArtifacts:
 
     def path(self, version: int) -> Path:
         return self.state.checkpoints / f"global_v{version}.onnx"
+
+    def serving_point(self, version: int) -> ServingPoint | None:
+        """The operating point in the metadata of ``version``'s ONNX file (what the manifest
+        repeats for training nodes), or None (no file, or no point in it)."""
+        path = self.path(version)
+        if not path.is_file():
+            return None
+        try:
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+            return ServingPoint.from_metadata({p.key: p.value for p in model.metadata_props})
+        except Exception as exc:  # not ONNX, unreadable metadata, onnx not installed
+            log.warning("global v%d: operating point of the ONNX file not readable (%s: %s)",
+                        version, type(exc).__name__, exc)  # fmt: skip
+            return None
 
     def ensure(self, version: int) -> Path | None:
         """The ONNX file of ``version`` (exported now if needed), or None if it cannot be made."""

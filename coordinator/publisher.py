@@ -25,7 +25,7 @@ from typing import Protocol
 from coordinator.state import State
 from fl_protocol import topics
 from fl_protocol.chunking import split
-from fl_protocol.schemas import GlobalManifest, PayloadManifest, RoundConfig
+from fl_protocol.schemas import GlobalManifest, PayloadManifest, RoundConfig, ServingPoint
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class OnnxSource(Protocol):
     def path(self, version: int) -> Path: ...
 
     def ensure(self, version: int) -> Path | None: ...
+
+    def serving_point(self, version: int) -> ServingPoint | None: ...
 
 
 class ManifestSigner(Protocol):
@@ -76,6 +78,7 @@ class Publisher:
         self.onnx = onnx
         self._payloads: dict[int, PayloadManifest] = {}  # versions whose chunks went out
         self._onnx_payloads: dict[int, PayloadManifest | None] = {}  # their ONNX, if any
+        self._serving_points: dict[int, ServingPoint | None] = {}  # that ONNX's operating point
 
     def publish_chunks(self, version: int) -> PayloadManifest:
         """Publish version ``version``'s chunks retained (once per process) and describe them."""
@@ -97,6 +100,8 @@ class Publisher:
             payload.num_chunks,
         )
         self._onnx_payloads[version] = self._publish_onnx(version)
+        if self._onnx_payloads[version] is not None and self.onnx is not None:
+            self._serving_points[version] = self.onnx.serving_point(version)
         return payload
 
     def _publish_onnx(self, version: int) -> PayloadManifest | None:
@@ -129,6 +134,7 @@ class Publisher:
             round=round_config,
             created_at=time.time(),
             onnx=self._onnx_payloads.get(version),
+            operating_point=self._serving_points.get(version),
         )
         if self.signer is not None:
             manifest = self.signer(manifest)

@@ -25,7 +25,7 @@ import re
 import secrets
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, Union, get_args, get_origin, get_type_hints
 
@@ -314,12 +314,62 @@ class RoundConfig(JsonMessage):
 
 
 @dataclass(frozen=True)
+class ServingPoint(JsonMessage):
+    """The operating point the coordinator wrote into its ONNX export of a global version
+    (temperature, threshold, uncertain band: ``fl_protocol.calibration``), repeated in the
+    manifest so a training node, which exports the weights itself, serves the same one."""
+
+    KIND: ClassVar[str] = "serving_point"
+    temperature: float
+    threshold: float
+    uncertain_band: float
+    n_val: int  # validation slices (over the nodes) it was fitted on
+    calibration_version: int  # the global version whose validation reports it was fitted from
+
+    def _validate(self) -> None:
+        if not 0.01 <= self.temperature <= 100.0:
+            raise SchemaError("serving_point.temperature must be in [0.01, 100]")
+        if not 0.0 < self.threshold < 1.0:
+            raise SchemaError("serving_point.threshold must be in (0, 1)")
+        if not 0.0 <= self.uncertain_band < 0.5:
+            raise SchemaError("serving_point.uncertain_band must be in [0, 0.5)")
+        if self.n_val < 0 or self.calibration_version < 0:
+            raise SchemaError("serving_point.n_val and calibration_version must be >= 0")
+
+    def metadata(self) -> dict[str, str]:
+        """The ``fedscan.*`` ONNX metadata entries (as ``OperatingPoint.metadata`` writes them)."""
+        return {
+            "fedscan.temperature": f"{self.temperature:.6g}",
+            "fedscan.threshold": f"{self.threshold:.6g}",
+            "fedscan.uncertain_band": f"{self.uncertain_band:.6g}",
+            "fedscan.calibration_n_val": str(self.n_val),
+            "fedscan.calibration_version": str(self.calibration_version),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> ServingPoint | None:
+        """Read back from ONNX metadata; None when it carries no operating point."""
+        if "fedscan.temperature" not in meta:
+            return None
+        try:
+            return cls(
+                temperature=float(meta["fedscan.temperature"]),
+                threshold=float(meta["fedscan.threshold"]),
+                uncertain_band=float(meta["fedscan.uncertain_band"]),
+                n_val=int(meta.get("fedscan.calibration_n_val", "0")),
+                calibration_version=int(meta.get("fedscan.calibration_version", "0")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise SchemaError(f"serving_point: unreadable ONNX metadata ({exc})") from None
+
+
+@dataclass(frozen=True)
 class GlobalManifest(JsonMessage):
     """Retained on fl/F/global/current: the current global model and the open round."""
 
     KIND: ClassVar[str] = "global_manifest"
     VERSIONS: ClassVar[tuple[int, ...]] = (1, ONNX_MANIFEST_VERSION)
-    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"onnx", "operating_point"})
     federation: str
     version: int  # global model version; never goes back (ReplayGuard)
     arch: str  # export.zoo architecture name
@@ -332,9 +382,14 @@ class GlobalManifest(JsonMessage):
     # The coordinator's parity-checked ONNX export of the same weights (what predict-only nodes
     # install), chunked on fl/F/global/V/onnx/i; present = schema version 2, absent = 1.
     onnx: PayloadManifest | None = None
+    # The operating point inside that ONNX export (schema version 2 too): training nodes put it
+    # into their own export of the weights. Absent when the export has none (no reports yet).
+    operating_point: ServingPoint | None = None
 
     def schema_version(self) -> int:
-        return ONNX_MANIFEST_VERSION if self.onnx is not None else SCHEMA_VERSION
+        if self.onnx is not None or self.operating_point is not None:
+            return ONNX_MANIFEST_VERSION
+        return SCHEMA_VERSION
 
     def _validate(self) -> None:
         check_id(self.federation, "federation")

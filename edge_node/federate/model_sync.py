@@ -330,6 +330,11 @@ class ModelSync:
                 model_version=str(version),
                 window_center=self.config.preprocess.window_center,
                 window_width=self.config.preprocess.window_width,
+                calibration=(
+                    None
+                    if manifest.operating_point is None
+                    else manifest.operating_point.metadata()
+                ),
             )
         )
         new_acc, served_acc = self._gate(weights)

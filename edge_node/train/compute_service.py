@@ -54,6 +54,9 @@ class ExportRequest:
     model_version: str
     window_center: float = -600.0
     window_width: float = 1500.0
+    # ``fedscan.*`` operating-point metadata to write into the export (the coordinator's, from
+    # the global manifest), or None: the node then serves at T = 1, threshold 0.5
+    calibration: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -68,6 +71,7 @@ class ExportRequest:
             model_version=str(d["model_version"]),
             window_center=float(d["window_center"]),
             window_width=float(d["window_width"]),
+            calibration=None if d.get("calibration") is None else dict(d["calibration"]),
         )
 
 
@@ -96,6 +100,16 @@ def torch_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx"))
 
 
+@dataclass(frozen=True)
+class _Entries:
+    """Ready-made ``fedscan.*`` metadata in the shape ``export_onnx(calibration=...)`` takes."""
+
+    entries: dict[str, str]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.entries)
+
+
 def export_in_process(request: ExportRequest) -> Path:
     """Rebuild the model from its weights file and export it (imports torch)."""
     from export.errors import ExportError
@@ -110,6 +124,7 @@ def export_in_process(request: ExportRequest) -> Path:
             model_version=request.model_version,
             window_center=request.window_center,
             window_width=request.window_width,
+            calibration=None if request.calibration is None else _Entries(request.calibration),
         )
     except ExportError as exc:
         raise ModelError(f"cannot export the global model to ONNX: {exc}") from exc

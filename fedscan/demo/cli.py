@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         rounds=args.rounds,
         arch=args.arch,
+        texture=args.texture,
         local_epochs=args.local_epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -57,6 +58,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--nodes", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
+    p.add_argument(
+        "--texture",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="GLCM + LBP texture features beside the CNN embedding",
+    )
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")

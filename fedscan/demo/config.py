@@ -17,6 +17,7 @@ class DemoConfig:
     nodes: int = 3  # hospitals (edge node processes)
     rounds: int = 5  # federated rounds (3 left the synthetic global model at AUC 0.947)
     arch: str = "cnn2d"  # export.zoo registry name
+    texture: bool = False  # GLCM + LBP texture features beside the CNN embedding
     local_epochs: int = 2  # epochs per node per round
     lr: float = 1e-3
     batch_size: int = 16

@@ -27,8 +27,14 @@ from fl_protocol.metrics import Metrics, RocCurve, classification_metrics, roc_c
 BATCH = 64
 
 
-def load_test_set(rows: Sequence[IndexRow], base: Path, cache_dir: Path) -> SampleSet:
-    samples, report = load_labelled(records(rows, base), PreprocessParams(), cache_dir)
+def load_test_set(
+    rows: Sequence[IndexRow], base: Path, cache_dir: Path, *, texture: bool = False
+) -> SampleSet:
+    """The slices of ``rows`` as a node preprocesses them (with their texture features when
+    ``texture``: the demo's models then take them as their second input)."""
+    samples, report = load_labelled(
+        records(rows, base), PreprocessParams(), cache_dir, texture=texture
+    )
     if not len(samples):
         raise DemoError("the held-out test set has no usable slices")
     if report.missing or report.unusable:
@@ -42,8 +48,8 @@ def covid_logits(weights: Path, samples: SampleSet) -> np.ndarray:
     from export.weights import load_weights
 
     model = load_weights(weights)
-    if model.texture_dim:
-        raise DemoError(f"{weights.name}: texture models are not scored by the demo")
+    if model.texture_dim and samples.texture is None:
+        raise DemoError(f"{weights.name} takes texture features; the samples have none")
     return predict_logits(model, samples)
 
 
@@ -85,22 +91,9 @@ def score_with_calibration(
 
 def covid_probabilities(weights: Path, samples: SampleSet) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class ids, covid probabilities) of the model in ``weights``."""
-    import torch
-
-    from export.weights import load_weights
-
-    model = load_weights(weights)
-    if model.texture_dim:
-        raise DemoError(f"{weights.name}: texture models are not scored by the demo")
-    model.eval()
-    logits = []
-    with torch.no_grad():
-        images = torch.from_numpy(samples.images)
-        for i in range(0, len(samples), BATCH):
-            logits.append(model(images[i : i + BATCH]))
-    out = torch.cat(logits)
-    probs = torch.softmax(out, dim=1)[:, 1].double().numpy()
-    return out.argmax(dim=1).numpy(), probs
+    logits = covid_logits(weights, samples)
+    z = (logits[:, 1] - logits[:, 0]).astype(np.float64)
+    return logits.argmax(axis=1), 1.0 / (1.0 + np.exp(-z))
 
 
 def score(weights: Path, samples: SampleSet) -> tuple[Metrics, RocCurve]:

@@ -72,7 +72,7 @@ def build_results(
     from coordinator.reports import round_summaries
     from coordinator.state import State
 
-    test = ev.load_test_set(plan.test, plan.base, eval_cache)
+    test = ev.load_test_set(plan.test, plan.base, eval_cache, texture=c.texture)
     state = State(coordinator_state, readonly=True)
     try:
         versions = state.versions()
@@ -102,7 +102,7 @@ def build_results(
     for s in summaries:
         if s["weighted"] and s["weighted"].get("accuracy") is not None:
             weighted[int(s["version_in"])] = float(s["weighted"]["accuracy"])
-    val = validation_set(plan, eval_cache)
+    val = validation_set(plan, eval_cache, texture=c.texture)
     val_accuracy: dict[int, float] = {}
     for version in sorted(paths):
         m, roc = ev.score(paths[version], test)
@@ -163,7 +163,7 @@ def local_operating_point(weights: Path) -> dict[str, Any] | None:
         return None
 
 
-def validation_set(plan: DataPlan, cache: Path) -> Any:
+def validation_set(plan: DataPlan, cache: Path, *, texture: bool = False) -> Any:
     """Every hospital's local validation patients, split as its trainer splits them (salt =
     the federation id, the node's ``val_fraction``); None when there are none."""
     from edge_node.config import TrainingConfig
@@ -179,7 +179,7 @@ def validation_set(plan: DataPlan, cache: Path) -> Any:
     ]
     if not rows or len({r.label for r in rows}) < 2:
         return None
-    return ev.load_test_set(rows, plan.base, cache)
+    return ev.load_test_set(rows, plan.base, cache, texture=texture)
 
 
 def select_version(val_accuracy: dict[int, float], versions: list[int]) -> int:

@@ -37,6 +37,13 @@ def min_labels(config: DemoConfig, smallest_share: int) -> int:
     return max(4, smallest_share // 3)
 
 
+def texture_dim(config: DemoConfig) -> int:
+    """The global model's texture input width (0: none)."""
+    from edge_node.ingest.texture import TEXTURE_DIM
+
+    return TEXTURE_DIM if config.texture else 0
+
+
 def coordinator_toml(
     config: DemoConfig, folder: Path, broker_port: int, signing_key: Path, labels_needed: int
 ) -> Path:
@@ -46,7 +53,9 @@ def coordinator_toml(
     raw = tomllib.loads(default_toml(FEDERATION))
     raw["signing_key"] = str(signing_key)
     raw["broker"] = {"url": f"mqtt://127.0.0.1:{broker_port}", "keepalive_s": 30}
-    raw["model"].update(arch=config.arch, init="random", seed=config.seed)
+    raw["model"].update(
+        arch=config.arch, init="random", seed=config.seed, texture_dim=texture_dim(config)
+    )
     raw["rounds"].update(
         num_rounds=config.rounds,
         min_nodes=config.nodes,
@@ -78,6 +87,7 @@ def node_toml(
     raw["inference"]["intra_op_threads"] = 1
     raw["training"].update(
         arch=config.arch,
+        texture_features=config.texture,
         epochs=config.rounds * config.local_epochs,  # `fedscan node train` (local-only run)
         lr=config.lr,
         batch_size=config.batch_size,

@@ -120,16 +120,19 @@ class FedAvgOutcome:
     seconds: float
 
 
-def initial_weights(arch: str, seed: int, path: Path, *, texture: bool = False) -> Path:
-    """Version 0: a randomly initialised ``arch`` (no pretrained weights), seeded; with the
-    texture-feature input when ``texture``."""
+def initial_weights(
+    arch: str, seed: int, path: Path, *, texture: bool = False, pretrained: Path | None = None
+) -> Path:
+    """Version 0: a randomly initialised ``arch``, seeded (the backbone from ``pretrained``
+    when given: a local weights file, e.g. `fedscan pretrain`'s); with the texture-feature
+    input when ``texture``. The classifier head is always fresh."""
     import torch
 
     from edge_node.ingest.texture import TEXTURE_DIM
     from export.zoo import create_model
 
     torch.manual_seed(seed)
-    model = create_model(arch, texture_dim=TEXTURE_DIM if texture else 0)
+    model = create_model(arch, texture_dim=TEXTURE_DIM if texture else 0, pretrained=pretrained)
     return save_weights(model, path, version=0)
 
 

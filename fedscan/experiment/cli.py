@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         augment=not args.no_augment,
         texture=args.texture,
+        pretrained=Path(args.pretrained) if args.pretrained else None,
         threads=args.threads,
         jobs=args.jobs,
         strategy=args.strategy,
@@ -131,6 +132,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
     p.add_argument(
         "--texture", action="store_true", help="GLCM + LBP texture features beside the CNN"
+    )
+    p.add_argument(
+        "--pretrained", metavar="FILE", help="initial backbone weights (`fedscan pretrain`)"
     )
     p.add_argument(
         "--folds", type=int, default=0,

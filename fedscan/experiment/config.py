@@ -26,6 +26,7 @@ class ExperimentConfig:
     val_fraction: float = 0.1  # the trainer's local validation share of patients (best epoch)
     augment: bool = True
     texture: bool = False  # GLCM + LBP texture features beside the CNN embedding (every arm)
+    pretrained: Path | None = None  # backbone weights for v0 (e.g. `fedscan pretrain`'s output)
     threads: int = 1  # torch threads of each training
     jobs: int = 2  # trainings run at once (one arm of one seed each), in worker processes
     strategy: str = "fedavg"  # the coordinator's aggregation strategy (coordinator.strategy)

@@ -88,7 +88,11 @@ def prepare_seed(
     )
     pooled = write_label_book(work / "books" / "pooled.sqlite", pool, base)
     init = arms.initial_weights(
-        config.arch, seed, work / "global_v0.safetensors", texture=config.texture
+        config.arch,
+        seed,
+        work / "global_v0.safetensors",
+        texture=config.texture,
+        pretrained=config.pretrained,
     )
     parts.setdefault("hospitals", {})[(seed, fold)] = [h.summary() for h in hospitals]
     return [

@@ -82,3 +82,42 @@ def test_onnx_artifacts_export_with_the_fitted_point(tmp_path: Path) -> None:
     extra = seen[1]
     assert isinstance(extra, dict) and extra["fedscan.calibration_version"] == "0"
     assert 0 < float(extra["fedscan.threshold"]) < 1
+
+
+def test_the_manifest_repeats_the_operating_point_of_the_real_onnx_export(
+    tmp_path: Path,
+) -> None:
+    """A real ONNX export of a checkpoint, with the point fitted from a node's report: the
+    artifact's ``serving_point`` reads it back from the file's metadata and the publisher's
+    manifest carries it (training nodes write it into their own export)."""
+    import torch
+
+    from coordinator.onnx_artifact import OnnxArtifacts
+    from coordinator.publisher import ModelIdentity, Publisher
+    from export.weights import save_weights
+    from export.zoo import create_model
+    from fl_protocol.schemas import ServingPoint
+
+    state = State(tmp_path / "coord")
+    torch.manual_seed(0)
+    for v in (0, 1):
+        save_weights(create_model("cnn2d"), state.checkpoint_path(v), version=v)
+    logits, y = _node_data(5, 80)
+    m = classification_metrics(y, logits.argmax(1), None)
+    report = eval_report(1, "node-a", 0, m, calibration_stats(logits, y).to_dict())
+    store_eval_report(state, parse_topic(eval_topic("fed", 1, "node-a")), report.to_bytes())
+    expected = CalibrationBook(state.dir).operating_point(0)
+    assert expected is not None
+
+    class Sent(list[tuple[str, bytes]]):
+        def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+            self.append((topic, payload))
+
+    artifacts = OnnxArtifacts(state)
+    publisher = Publisher(Sent(), "fed", state, ModelIdentity("cnn2d", 0), onnx=artifacts)
+    manifest = publisher.publish_manifest(1, None)
+    point = manifest.operating_point
+    assert isinstance(point, ServingPoint) and point == artifacts.serving_point(1)
+    assert point.calibration_version == 0 and point.n_val == expected.n_val
+    assert point.threshold == float(f"{expected.threshold:.6g}")
+    assert publisher.publish_manifest(0, None).operating_point is None  # nothing before v0

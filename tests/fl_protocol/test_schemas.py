@@ -292,3 +292,28 @@ def test_the_coordinator_signature_covers_the_onnx_artifact() -> None:
     forged = dataclasses.replace(signed, onnx=other)
     with pytest.raises(SignatureError):
         verify_manifest(forged, public)
+
+
+def test_a_manifest_carries_the_onnx_operating_point_for_training_nodes() -> None:
+    """The operating point of the coordinator's ONNX export rides in the manifest (schema
+    version 2); read back from ONNX metadata it gives the same entries; out-of-range values and
+    a version-1 manifest with the field are refused."""
+    from fl_protocol.schemas import ServingPoint
+
+    point = ServingPoint(
+        temperature=1.7, threshold=0.42, uncertain_band=0.1, n_val=55, calibration_version=3
+    )
+    m = dataclasses.replace(onnx_manifest(), operating_point=point)
+    data = m.to_bytes()
+    assert json.loads(data)["operating_point"]["threshold"] == 0.42
+    assert GlobalManifest.from_bytes(data) == m
+    assert ServingPoint.from_metadata(point.metadata()) == point
+    assert ServingPoint.from_metadata({"fedscan.model_version": "3"}) is None
+    with pytest.raises(SchemaError, match="threshold"):
+        dataclasses.replace(point, threshold=1.5)
+    obj = json.loads(data)
+    del obj["onnx"]  # the point alone still makes it version 2
+    assert GlobalManifest.from_dict(obj).schema_version() == 2
+    obj["schema"] = "fedscan.global_manifest/1"
+    with pytest.raises(SchemaError, match="fields of schema version"):
+        GlobalManifest.from_dict(obj)

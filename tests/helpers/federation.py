@@ -35,6 +35,7 @@ from fl_protocol.schemas import (
     NodeStatus,
     PayloadManifest,
     RoundConfig,
+    ServingPoint,
     UpdateManifest,
 )
 from fl_protocol.signing import save_public_key, sign_manifest
@@ -182,9 +183,11 @@ class FakeCoordinator:
         mutate: Callable[[GlobalManifest], GlobalManifest] | None = None,
         chunk_filter: Callable[[int, bytes], bytes | None] | None = None,
         onnx: bytes | None = None,
+        operating_point: ServingPoint | None = None,
     ) -> GlobalManifest:
         """Retained chunks, then the retained manifest (signed when a key is set); with
-        ``onnx``, that file's chunks too, described in the manifest (schema version 2)."""
+        ``onnx``, that file's chunks too, described in the manifest (schema version 2), and
+        ``operating_point`` in it when given."""
         payload, parts = split(weights_payload(weights, version), self.chunk_size)
         onnx_payload = None
         if onnx is not None:
@@ -208,6 +211,7 @@ class FakeCoordinator:
             payload=payload,
             round=round_cfg,
             onnx=onnx_payload,
+            operating_point=operating_point,
         )
         if sign and self.key is not None:
             manifest = sign_manifest(manifest, self.key, "coordinator")

@@ -57,6 +57,32 @@ def served_version(root: Path) -> str:
     return OnnxModel(root / "models" / "current.onnx", 1).info.model_version
 
 
+def test_a_training_node_serves_the_operating_point_named_in_the_manifest(
+    tmp_path: Path,
+) -> None:
+    """A training node exports the global weights itself; the coordinator's fitted operating
+    point from the manifest goes into that export, so it serves the same calibrated verdicts
+    as a predict-only node (v0 has none: served at T = 1, threshold 0.5)."""
+    from fl_protocol.schemas import ServingPoint
+
+    broker = MemoryBroker()
+    coord = FakeCoordinator(broker, FED)
+    coord.publish_global(0, cnn2d_weights(0))
+    make_client(tmp_path, broker, Swaps())
+    info = OnnxModel(tmp_path / "models" / "current.onnx", 1).info
+    assert (info.calibrated, info.temperature, info.threshold) == (False, 1.0, 0.5)
+
+    point = ServingPoint(
+        temperature=2.5, threshold=0.37, uncertain_band=0.12, n_val=64, calibration_version=0
+    )
+    client = make_client(tmp_path / "b", broker, Swaps())
+    coord.publish_global(1, cnn2d_weights(1), operating_point=point)
+    client.run_until_idle()
+    info = OnnxModel(tmp_path / "b" / "models" / "current.onnx", 1).info
+    assert info.model_version == "1" and info.calibrated
+    assert (info.temperature, info.threshold, info.uncertain_band) == (2.5, 0.37, 0.12)
+
+
 def test_a_newer_global_model_is_exported_and_swapped_in_keeping_the_previous(
     tmp_path: Path,
 ) -> None:
