@@ -62,6 +62,12 @@ def _run(args: argparse.Namespace) -> int:
     from fedscan.experiment.config import ExperimentConfig
     from fedscan.experiment.runner import resummarize, run_experiment
 
+    if args.compare:
+        from fedscan.experiment.runner import compare_files
+
+        cmp = compare_files(Path(args.json), Path(args.compare), args.n_boot)
+        print(cmp["markdown"])
+        return 0
     if args.from_json:
         doc = resummarize(Path(args.json), args.n_boot)
         print(doc["markdown"])
@@ -154,6 +160,11 @@ def add_parser(sub: Any) -> None:
         help="interval tables score each slice as the mean over it and its mirror image",
     )  # fmt: skip
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument(
+        "--compare",
+        metavar="OTHER_JSON",
+        help="no training: --json minus this run (same folds, seeds) per arm, with intervals",
+    )
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--cache-dir", help="where the dataset is imported (default ~/.cache/fedscan)")

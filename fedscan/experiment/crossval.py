@@ -163,3 +163,89 @@ def markdown(cv: Mapping[str, Any]) -> str:
                 f"| {stats.fmt_ci(d.get('patient_accuracy'))} |"
             )
     return "\n".join(lines)
+
+
+def compare(
+    runs: Sequence[Sequence[Mapping[str, Any]]],
+    names: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    n_boot: int = stats.N_BOOT,
+) -> dict[str, Any]:
+    """Two runs on the same test slices (same folds and seeds, e.g. two recipes): every arm both
+    have, and the paired differences first minus second with intervals over patients (at the
+    argmax and ``@cal``). ``runs``: each run's task results (``predictions``)."""
+    if len(runs) != 2 or len(names) != 2 or names[0] == names[1]:
+        raise ValueError("compare needs two runs with two different names")
+    out: dict[str, Any] = {}
+    for seed in seeds:
+        a, b = (fold_models(r, seed) for r in runs)
+        if not a or len(a) != len(b):
+            continue
+        for fa, fb in zip(a, b, strict=True):
+            if fa["ids"] != fb["ids"]:
+                raise ValueError(f"seed {seed}: the two runs did not test the same slices")
+        arms = [n for n in a[0]["models"] if all(n in f["models"] for f in (*a, *b))]
+        y = np.concatenate([np.asarray(f["labels"], dtype=np.int64) for f in a])
+        patients = [p for f in a for p in f["patients"]]
+        probs: dict[str, np.ndarray] = {}
+        thresholds: dict[str, Any] = {}
+        for run_name, folds in zip(names, (a, b), strict=True):
+            for arm in arms:
+                zs, zts, ths = [], [], []
+                for f in folds:
+                    logits = np.asarray(f["models"][arm]["test_logits"], dtype=np.float64)
+                    z = logits[:, 1] - logits[:, 0]
+                    op = _op(f["models"][arm].get("val_stats"))
+                    t, th = (1.0, 0.5) if op is None else (op.temperature, op.threshold)
+                    zs.append(z)
+                    zts.append(z / t)
+                    ths.append(np.full(len(z), th))
+                probs[f"{run_name}:{arm}"] = stats.sigmoid(np.concatenate(zs))
+                thresholds[f"{run_name}:{arm}"] = 0.5
+                probs[f"{run_name}:{arm}@cal"] = stats.sigmoid(np.concatenate(zts))
+                thresholds[f"{run_name}:{arm}@cal"] = np.concatenate(ths)
+        keys = [f"{arm}{suffix}" for arm in arms for suffix in ("", "@cal")]
+        pairs = [(f"{names[0]}:{k}", f"{names[1]}:{k}") for k in keys]
+        _, groups = stats.patient_index(patients)
+        ci = stats.bootstrap(
+            groups,
+            stats.arm_statistic(y, probs, thresholds, pairs, KEYS),
+            n_boot=n_boot,
+            seed=seed,
+        )
+
+        def part(prefix: str, ci: dict[str, Any] = ci) -> dict[str, Any]:
+            return {k.split(".", 1)[1]: v for k, v in ci.items() if k.split(".", 1)[0] == prefix}
+
+        out[str(seed)] = {
+            "slices": len(y),
+            "patients": len(groups),
+            "arms": {k: {n: part(f"{n}:{k}") for n in names} for k in keys},
+            "differences": {k: part(f"{p}-{q}") for k, (p, q) in zip(keys, pairs, strict=True)},
+        }
+    return {"runs": list(names), "n_boot": n_boot, "per_seed": out}
+
+
+def compare_markdown(cmp: Mapping[str, Any]) -> str:
+    """The paired table of :func:`compare` (percent, estimate [95% CI])."""
+    a, b = cmp["runs"]
+    lines: list[str] = []
+    for seed, s in cmp["per_seed"].items():
+        lines += [
+            "",
+            f"Seed {seed}: {a} minus {b} on the same {s['slices']} test slices of "
+            f"{s['patients']} patients; points, estimate [95% CI over {cmp['n_boot']} "
+            "patient resamples].",
+            "",
+            f"| Arm | {a} accuracy | {b} accuracy | Accuracy diff. | AUC diff. "
+            "| Patient acc. diff. |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for arm, d in s["differences"].items():
+            acc = [stats.fmt_ci(s["arms"][arm][n].get("accuracy")) for n in (a, b)]
+            lines.append(
+                f"| {arm} | {acc[0]} | {acc[1]} | {stats.fmt_ci(d.get('accuracy'))} "
+                f"| {stats.fmt_ci(d.get('auc'))} | {stats.fmt_ci(d.get('patient_accuracy'))} |"
+            )
+    return "\n".join(lines)

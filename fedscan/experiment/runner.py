@@ -23,6 +23,7 @@ from typing import Any
 from fedscan.experiment import arms, crossval
 from fedscan.experiment.config import ExperimentConfig
 from fedscan.experiment.data import ensure_index, eval_samples, load_rows, write_label_book
+from fedscan.experiment.errors import ExperimentError
 from fedscan.experiment.partition import class_shares, partition
 from fedscan.experiment.stats import N_BOOT
 from fedscan.experiment.tasks import ARMS, Task, run_task
@@ -448,6 +449,33 @@ def resummarize(path: Path, n_boot: int | None = None) -> dict[str, Any]:
     _summaries(doc, n_boot or int(doc.get("config", {}).get("n_boot", N_BOOT)))
     _write(path, doc)
     return doc
+
+
+def compare_files(path: Path, other: Path, n_boot: int | None = None) -> dict[str, Any]:
+    """``path``'s run minus ``other``'s, arm by arm, paired on the same test slices (no
+    training): written beside ``path`` as ``<stem>-vs-<other stem>.json``."""
+    a, b = load(path), load(other)
+    seeds = [
+        s for s in a.get("config", {}).get("seeds", []) if s in b.get("config", {}).get("seeds", [])
+    ]
+    names = (path.stem, other.stem) if path.stem != other.stem else ("first", "second")
+    try:
+        cmp = crossval.compare(
+            [a.get("predictions", []), b.get("predictions", [])],
+            names,
+            seeds,
+            n_boot=n_boot or N_BOOT,
+        )
+    except ValueError as exc:
+        raise ExperimentError(f"cannot compare {path.name} and {other.name}: {exc}") from None
+    if not cmp["per_seed"]:
+        raise ExperimentError(
+            f"cannot compare {path.name} and {other.name}: no seed with complete folds in both"
+        )
+    cmp["configs"] = {names[0]: a.get("config"), names[1]: b.get("config")}
+    cmp["markdown"] = crossval.compare_markdown(cmp)
+    _write(path.with_name(f"{path.stem}-vs-{other.stem}.json"), cmp)
+    return cmp
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -142,3 +142,12 @@ def test_kfold_tests_every_slice_once_with_patient_bootstrap_intervals(tmp_path:
     # a second start with the same settings trains nothing: every task is in the done file
     assert main(argv) == 0
     assert json.loads(out.read_text())["intervals"]["per_seed"]["0"]["slices"] == 40
+    # --compare pairs two runs on the same slices: a run against its copy differs by 0
+    twin = tmp_path / "twin.json"
+    twin.write_text(out.read_text())
+    assert main(["experiment", "--json", str(out), "--compare", str(twin), "--n-boot", "20"]) == 0
+    cmp = json.loads((tmp_path / "kf-vs-twin.json").read_text())
+    diff = cmp["per_seed"]["0"]["differences"]["fedavg"]["accuracy"]
+    assert diff == {"estimate": 0.0, "lo": 0.0, "hi": 0.0}
+    assert set(cmp["per_seed"]["0"]["arms"]["centralized@cal"]) == {"kf", "twin"}
+    assert "| fedavg |" in cmp["markdown"]
