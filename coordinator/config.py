@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from coordinator.errors import ConfigError
 from fl_protocol.config_types import build_section, kind_of, read_toml, type_problem
+from fl_protocol.schedule import SCHEDULES
 from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
@@ -122,6 +123,8 @@ class RoundsConfig:
     train_mode: str = "full"  # full | last_stage | head
     local_epochs: int = 1
     lr: float = 1e-3
+    # constant | cosine: round r of num_rounds trains at scheduled_lr(lr, ., r - 1, num_rounds)
+    lr_schedule: str = "constant"
     batch_size: int = 16
     mu: float = 0.0  # FedProx proximal weight sent to nodes (strategy fedprox)
     min_labels: int = 8  # a node trains in a round only with this many new labels
@@ -141,6 +144,11 @@ class RoundsConfig:
             raise ConfigError(f"rounds.train_mode must be one of {TRAIN_MODES}")
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.min_labels < 0:
             raise ConfigError("rounds: local_epochs, batch_size, lr must be positive")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"rounds: lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                f"not {self.lr_schedule!r}"
+            )
         if self.mu < 0 or self.eval_wait_s < 0:
             raise ConfigError("rounds: mu and eval_wait_s must be >= 0")
         if self.strategy == "trimmed_mean" and self.min_nodes < MIN_NODES_TRIMMED_MEAN:
@@ -318,6 +326,7 @@ trainable_only = false
 train_mode = "full"        # full | last_stage | head
 local_epochs = 1
 lr = 0.001
+lr_schedule = "constant"   # constant | cosine (across rounds: round r of num_rounds)
 batch_size = 16
 mu = 0.0                   # FedProx proximal term (strategy = "fedprox")
 min_labels = 8

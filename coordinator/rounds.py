@@ -40,6 +40,7 @@ from coordinator.validate import validate_update as validate_delta
 from fl_protocol import codecs
 from fl_protocol.errors import CodecError, ProtocolError
 from fl_protocol.files import write_atomic
+from fl_protocol.schedule import scheduled_lr
 from fl_protocol.schemas import Ack, RoundConfig, UpdateManifest
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,12 @@ class RoundMachine:
             trainable_only=self.rounds.trainable_only,
             train_mode=self.rounds.train_mode,
             local_epochs=self.rounds.local_epochs,
-            lr=self.rounds.lr,
+            lr=scheduled_lr(
+                self.rounds.lr,
+                self.rounds.lr_schedule,
+                min(last_id, self.rounds.num_rounds - 1),
+                self.rounds.num_rounds,
+            ),
             batch_size=self.rounds.batch_size,
             min_labels=self.rounds.min_labels,
             seed=self.rounds.seed + last_id + 1,

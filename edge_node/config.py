@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from edge_node.errors import ConfigError
 from edge_node.layout import StateLayout
 from fl_protocol.config_types import build_section, dump_toml, read_toml
+from fl_protocol.schedule import SCHEDULES
 from fl_protocol.schemas import TRAIN_MODES
 
 T = TypeVar("T")
@@ -138,6 +139,9 @@ class TrainingConfig:
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
+    # constant | cosine over the epochs of `fedscan node train`; federated rounds train at the
+    # rate the coordinator sends (its [rounds] lr_schedule runs across rounds)
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-4
     seed: int = 0
     val_fraction: float = 0.2  # share of patients (by hash) held out for local validation
@@ -158,6 +162,11 @@ class TrainingConfig:
             raise ConfigError("training: val_fraction must be in (0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("training: epochs, batch_size and lr must be positive")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"training: lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                f"not {self.lr_schedule!r}"
+            )
 
 
 @dataclass(frozen=True)

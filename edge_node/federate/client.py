@@ -417,6 +417,7 @@ class FederationClient:
                 mode=rc.train_mode,
                 epochs=rc.local_epochs,
                 lr=rc.lr,
+                lr_schedule="constant",  # the coordinator schedules across rounds
                 batch_size=rc.batch_size,
                 seed=rc.seed,
                 mu=rc.mu,

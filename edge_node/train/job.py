@@ -19,6 +19,7 @@ from edge_node.errors import TrainingError
 from edge_node.layout import StateLayout
 from fl_protocol.config_types import plain_fields
 from fl_protocol.metrics import Metrics
+from fl_protocol.schedule import SCHEDULES
 from fl_protocol.schemas import TRAIN_MODES as MODES
 
 GLOBAL_WEIGHTS = "global.safetensors"  # <model_dir>/global.safetensors: the current global model
@@ -41,6 +42,7 @@ class TrainJob:
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine over the job's epochs (fl_protocol.schedule)
     weight_decay: float = 1e-4
     seed: int = 0
     val_fraction: float = 0.2
@@ -70,6 +72,10 @@ class TrainJob:
             raise TrainingError("epochs, batch_size and lr must be positive")
         if self.mu < 0:
             raise TrainingError("mu (FedProx) must be >= 0")
+        if self.lr_schedule not in SCHEDULES:
+            raise TrainingError(
+                f"lr_schedule must be one of {', '.join(SCHEDULES)}, not {self.lr_schedule!r}"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise TrainingError("val_fraction must be in (0, 1)")
         if self.torch_threads < 1:
@@ -140,6 +146,7 @@ class TrainJob:
             "epochs": t.epochs,
             "batch_size": t.batch_size,
             "lr": t.lr,
+            "lr_schedule": t.lr_schedule,
             "weight_decay": t.weight_decay,
             "seed": t.seed,
             "val_fraction": t.val_fraction,

@@ -68,6 +68,7 @@ from edge_node.train.split import split_by_patient
 from export.net import FedscanNet
 from fl_protocol.calibration import OperatingPoint, calibration_stats, fit_operating_point
 from fl_protocol.metrics import Metrics
+from fl_protocol.schedule import scheduled_lr
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,8 @@ def _train(job: TrainJob) -> TrainResult:
 
     epoch = start
     while epoch < job.epochs and not info["stopped"]:
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(job.lr, job.lr_schedule, epoch, job.epochs)
         stats = train_epoch(
             model,
             optimizer,
@@ -368,6 +371,7 @@ def _train(job: TrainJob) -> TrainResult:
             "train": stats.metrics.to_dict(),
             "images_per_s": stats.images_per_s,
             "seconds": stats.seconds,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         if n_val:
             val_loss, val_m = validate(

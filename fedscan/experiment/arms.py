@@ -33,6 +33,7 @@ from export.weights import load_numpy_state, load_weights, save_weights, state_t
 from fedscan.experiment.config import ExperimentConfig
 from fl_protocol.calibration import CalibrationStats, calibration_stats, combine
 from fl_protocol.metrics import Metrics
+from fl_protocol.schedule import scheduled_lr
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,18 @@ def initial_weights(
     return save_weights(model, path, version=0)
 
 
-def _job(ctx: SeedContext, db: Path, out_dir: Path, epochs: int, seed: int, init: Path) -> TrainJob:
+def _job(
+    ctx: SeedContext,
+    db: Path,
+    out_dir: Path,
+    epochs: int,
+    seed: int,
+    init: Path,
+    *,
+    round_lr: float | None = None,
+) -> TrainJob:
+    """A trainer job; ``round_lr``: a FedAvg round's rate (constant within the round), else the
+    run decays by the configured schedule over its own epochs."""
     c = ctx.config
     return TrainJob(
         db_path=db,
@@ -145,7 +157,8 @@ def _job(ctx: SeedContext, db: Path, out_dir: Path, epochs: int, seed: int, init
         arch=c.arch,
         epochs=epochs,
         batch_size=c.batch_size,
-        lr=c.lr,
+        lr=c.lr if round_lr is None else round_lr,
+        lr_schedule=c.lr_schedule if round_lr is None else "constant",
         seed=seed,
         val_fraction=c.val_fraction,
         split_salt=f"experiment-{ctx.seed}",
@@ -206,7 +219,8 @@ def fedavg(ctx: SeedContext, books: dict[str, Path]) -> FedAvgOutcome:
     Model selection matches the other arms, whose trainer keeps the epoch with the best local
     validation loss: every hospital evaluates each incoming global model on its local
     validation patients (what a node reports to the coordinator each round), and the global
-    version with the best weighted validation accuracy is the arm's result (ties: the later).
+    version after round 1 or later with the best weighted validation accuracy is the arm's
+    result (ties: the later).
     The final round's model is reported too.
     """
     t0 = time.perf_counter()
@@ -223,8 +237,9 @@ def fedavg(ctx: SeedContext, books: dict[str, Path]) -> FedAvgOutcome:
         for name, db in books.items():
             out_dir = ctx.work / "fedavg" / f"round-{rnd}" / name
             # the round's seed as a coordinator would send it (base seed + round id)
+            lr = scheduled_lr(ctx.config.lr, ctx.config.lr_schedule, rnd - 1, ctx.config.rounds)
             job = _job(ctx, db, out_dir, ctx.config.local_epochs, ctx.seed * 1000 + rnd,
-                       global_path)  # fmt: skip
+                       global_path, round_lr=lr)  # fmt: skip
             result = _train(job)
             reports.append((result.init_val_metrics, result.n_val))
             local = state_to_numpy(load_weights(result.weights_path))
@@ -246,7 +261,9 @@ def fedavg(ctx: SeedContext, books: dict[str, Path]) -> FedAvgOutcome:
         for name, db in books.items()
     ]
     val.append(_weighted_accuracy(final_reports))
-    candidates = [(acc, v) for v, acc in enumerate(val) if acc is not None]
+    # v0 is the untrained initial model: on a few dozen validation slices a constant answer can
+    # look good, but it is never what the federation serves as its result (as in the demo)
+    candidates = [(acc, v) for v, acc in enumerate(val) if acc is not None and v > 0]
     selected = max(candidates)[1] if candidates else len(paths) - 1
     last = evaluate(model, ctx.test)
     return FedAvgOutcome(

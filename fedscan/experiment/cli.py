@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         batch_size=args.batch_size,
         val_fraction=args.val_fraction,
         augment=not args.no_augment,
@@ -133,6 +134,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="constant, or cosine over epochs (FedAvg: across rounds)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="local validation patients")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")

@@ -9,6 +9,7 @@ from typing import Any
 from fedscan.experiment.errors import ExperimentError
 from fedscan.experiment.partition import PARTITIONS
 from fl_protocol.config_types import plain_fields
+from fl_protocol.schedule import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class ExperimentConfig:
     rounds: int = 5  # FedAvg rounds
     local_epochs: int = 2  # epochs per hospital per round; local-only/centralized: R x E epochs
     lr: float = 1e-3  # AdamW
+    # constant | cosine: local-only / centralized decay per epoch over their R x E epochs,
+    # FedAvg per round (round r at step r - 1 of R, as the coordinator's [rounds] lr_schedule)
+    lr_schedule: str = "constant"
     batch_size: int = 16
     val_fraction: float = 0.1  # the trainer's local validation share of patients (best epoch)
     augment: bool = True
@@ -50,6 +54,8 @@ class ExperimentConfig:
             raise ExperimentError("rounds, local epochs, batch size and lr must be positive")
         if not 0.0 < self.val_fraction < 1.0:
             raise ExperimentError("val_fraction must be in (0, 1)")
+        if self.lr_schedule not in SCHEDULES:
+            raise ExperimentError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
         if self.folds == 1 or self.folds < 0:
             raise ExperimentError("--folds must be 0 (official split) or >= 2")
         if self.n_boot < 10:

@@ -265,3 +265,20 @@ def test_broker_outage_during_a_transition_resumes_from_the_state(tmp_path: Path
     w.step()
     assert w.nodes["a"].manifest.version == 1 and w.nodes["a"].manifest.round.round == 2  # type: ignore[union-attr]
     assert [r.id for r in w.service.state.rounds()] == [1, 2]
+
+
+def test_a_cosine_schedule_sends_each_round_its_own_rate(tmp_path: Path) -> None:
+    """[rounds] lr_schedule = "cosine": round 1 opens at the base rate, round 2 at the rate of
+    step 1 of 2 (what fl_protocol.schedule says), so late rounds take small steps."""
+    from fl_protocol.schedule import scheduled_lr
+
+    w = World(tmp_path, lr=0.01, lr_schedule="cosine")
+    w.service.start()
+    a, b, c = (w.nodes[n] for n in "abc")
+    assert a.manifest.round is not None and a.manifest.round.lr == pytest.approx(0.01)
+    for i, node in enumerate((a, b, c)):
+        node.send_update(make_delta(10 + i), 10)
+    w.step()
+    assert a.manifest.round is not None and a.manifest.round.round == 2
+    assert a.manifest.round.lr == pytest.approx(scheduled_lr(0.01, "cosine", 1, 2))
+    assert a.manifest.round.lr < 0.01

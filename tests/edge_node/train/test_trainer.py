@@ -192,6 +192,23 @@ def test_fedprox_keeps_weights_near_the_global_model(node: LabelledNode, tmp_pat
     assert prox < 0.5 * plain
 
 
+def test_a_cosine_schedule_lowers_the_rate_epoch_by_epoch(
+    node: LabelledNode, tmp_path: Path
+) -> None:
+    """lr_schedule = "cosine": each epoch's rate (in metrics.json) is the schedule's, from the
+    base rate down; an unknown schedule is refused before anything runs."""
+    from fl_protocol.schedule import scheduled_lr
+
+    job = make_job(node, tmp_path, epochs=3, lr=2e-3, lr_schedule="cosine")
+    result = train_once(job)
+    epochs = json.loads(result.metrics_path.read_text())["epochs"]
+    rates = [e["lr"] for e in epochs]
+    assert rates == pytest.approx([scheduled_lr(2e-3, "cosine", i, 3) for i in range(3)])
+    assert rates[0] == pytest.approx(2e-3) and rates[2] < rates[1] < rates[0]
+    with pytest.raises(TrainingError, match="lr_schedule"):
+        make_job(node, tmp_path, lr_schedule="step")
+
+
 def test_early_stopping_keeps_the_best_epoch(node: LabelledNode, tmp_path: Path) -> None:
     """With patience 1 and a learning rate too high to keep improving, training stops before
     the epoch budget, and the weights written are the best epoch's."""
