@@ -142,6 +142,7 @@ class TrainingConfig:
     # constant | cosine over the epochs of `fedscan node train`; federated rounds train at the
     # rate the coordinator sends (its [rounds] lr_schedule runs across rounds)
     lr_schedule: str = "constant"
+    head_lr_mult: float = 1.0  # the classifier head trains at lr x this (texture weights need it)
     weight_decay: float = 1e-4
     seed: int = 0
     val_fraction: float = 0.2  # share of patients (by hash) held out for local validation
@@ -162,6 +163,8 @@ class TrainingConfig:
             raise ConfigError("training: val_fraction must be in (0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("training: epochs, batch_size and lr must be positive")
+        if not 0 < self.head_lr_mult <= 100:
+            raise ConfigError("training: head_lr_mult must be in (0, 100]")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(
                 f"training: lr_schedule must be one of {', '.join(SCHEDULES)}, "

@@ -43,6 +43,7 @@ class TrainJob:
     batch_size: int = 16
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine over the job's epochs (fl_protocol.schedule)
+    head_lr_mult: float = 1.0  # the classifier head trains at lr x this (trainer._optimizer)
     weight_decay: float = 1e-4
     seed: int = 0
     val_fraction: float = 0.2
@@ -72,6 +73,8 @@ class TrainJob:
             raise TrainingError("epochs, batch_size and lr must be positive")
         if self.mu < 0:
             raise TrainingError("mu (FedProx) must be >= 0")
+        if not 0 < self.head_lr_mult <= 100:
+            raise TrainingError("head_lr_mult must be in (0, 100]")
         if self.lr_schedule not in SCHEDULES:
             raise TrainingError(
                 f"lr_schedule must be one of {', '.join(SCHEDULES)}, not {self.lr_schedule!r}"
@@ -147,6 +150,7 @@ class TrainJob:
             "batch_size": t.batch_size,
             "lr": t.lr,
             "lr_schedule": t.lr_schedule,
+            "head_lr_mult": t.head_lr_mult,
             "weight_decay": t.weight_decay,
             "seed": t.seed,
             "val_fraction": t.val_fraction,

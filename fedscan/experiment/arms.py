@@ -159,6 +159,7 @@ def _job(
         batch_size=c.batch_size,
         lr=c.lr if round_lr is None else round_lr,
         lr_schedule=c.lr_schedule if round_lr is None else "constant",
+        head_lr_mult=c.head_lr_mult,
         seed=seed,
         val_fraction=c.val_fraction,
         split_salt=f"experiment-{ctx.seed}",

@@ -86,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
+        head_lr_mult=args.head_lr_mult,
         batch_size=args.batch_size,
         val_fraction=args.val_fraction,
         augment=not args.no_augment,
@@ -139,6 +140,9 @@ def add_parser(sub: Any) -> None:
         choices=("constant", "cosine"),
         default="constant",
         help="constant, or cosine over epochs (FedAvg: across rounds)",
+    )
+    p.add_argument(
+        "--head-lr-mult", type=float, default=1.0, help="classifier head at lr x this (default 1)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="local validation patients")

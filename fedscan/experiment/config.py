@@ -26,6 +26,7 @@ class ExperimentConfig:
     # constant | cosine: local-only / centralized decay per epoch over their R x E epochs,
     # FedAvg per round (round r at step r - 1 of R, as the coordinator's [rounds] lr_schedule)
     lr_schedule: str = "constant"
+    head_lr_mult: float = 1.0  # the classifier head trains at lr x this (texture weights)
     batch_size: int = 16
     val_fraction: float = 0.1  # the trainer's local validation share of patients (best epoch)
     augment: bool = True

@@ -209,6 +209,26 @@ def test_a_cosine_schedule_lowers_the_rate_epoch_by_epoch(
         make_job(node, tmp_path, lr_schedule="step")
 
 
+def test_the_head_trains_at_its_own_multiple_of_the_rate(
+    node: LabelledNode, tmp_path: Path
+) -> None:
+    """head_lr_mult = 10: from the same start the classifier moves much further in one epoch
+    than at the plain rate (Adam steps scale with the rate); out-of-range values are refused."""
+    start = tmp_path / "start.safetensors"
+    save_weights(initial_model(make_job(node, tmp_path)), start, version=0)
+    w0 = tensors(start)
+
+    def head_move(mult: float) -> float:
+        job = make_job(node, tmp_path / f"m{mult}", init_weights=start, epochs=1,
+                       head_lr_mult=mult)  # fmt: skip
+        w = tensors(train_once(job).weights_path)
+        return float(np.abs(w["head.weight"] - w0["head.weight"]).sum())
+
+    assert head_move(10.0) > 3 * head_move(1.0)
+    with pytest.raises(TrainingError, match="head_lr_mult"):
+        make_job(node, tmp_path, head_lr_mult=0.0)
+
+
 def test_early_stopping_keeps_the_best_epoch(node: LabelledNode, tmp_path: Path) -> None:
     """With patience 1 and a learning rate too high to keep improving, training stops before
     the epoch budget, and the weights written are the best epoch's."""
