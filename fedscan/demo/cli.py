@@ -31,6 +31,8 @@ def _run(args: argparse.Namespace) -> int:
         texture=args.texture,
         local_epochs=args.local_epochs,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        head_lr_mult=args.head_lr_mult,
         batch_size=args.batch_size,
         labelled_per_node=None if per_node == 0 else per_node,
         test_per_node=args.test_per_node,
@@ -57,15 +59,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dataset", help="real data: UCSD COVID-CT folder, class folders, or index")
     p.add_argument("--nodes", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
+    p.add_argument("--arch", default="resnet10_gn", help="model architecture (default resnet10_gn)")
     p.add_argument(
         "--texture",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="GLCM + LBP texture features beside the CNN embedding",
+        default=True,
+        help="GLCM + LBP texture features beside the CNN embedding (default on)",
     )
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="cosine",
+        help="cosine across rounds and over the local-only epochs (default), or constant",
+    )
+    p.add_argument(
+        "--head-lr-mult", type=float, default=10.0, help="classifier head at lr x this (default 10)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument(
         "--labelled-per-node", type=int, default=120,

@@ -65,6 +65,7 @@ def coordinator_toml(
         codec="fp16",
         local_epochs=config.local_epochs,
         lr=config.lr,
+        lr_schedule=config.lr_schedule,
         batch_size=config.batch_size,
         min_labels=labels_needed,
         seed=config.seed,
@@ -90,6 +91,8 @@ def node_toml(
         texture_features=config.texture,
         epochs=config.rounds * config.local_epochs,  # `fedscan node train` (local-only run)
         lr=config.lr,
+        lr_schedule=config.lr_schedule,  # the local-only baseline (`fedscan node train`)
+        head_lr_mult=config.head_lr_mult,
         batch_size=config.batch_size,
         seed=config.seed,
         early_stopping_patience=0,  # the whole budget, like a round's fixed epochs
