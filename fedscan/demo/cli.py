@@ -83,7 +83,9 @@ def add_parser(sub: Any) -> None:
         help="labelled slices per hospital (default 120; 0 = all of --dataset)",
     )  # fmt: skip
     p.add_argument("--test-per-node", type=int, default=30, help="synthetic test slices per node")
-    p.add_argument("--min-labels", type=int, help="labels a node needs to train (default 1/3)")
+    p.add_argument(
+        "--min-labels", type=int, help="labels a node needs to train (default: the smallest share)"
+    )
     p.add_argument("--feed-seconds", type=float, default=45.0, help="drip duration (default 45)")
     p.add_argument(
         "--synthetic-size",

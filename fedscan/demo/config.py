@@ -29,7 +29,7 @@ class DemoConfig:
     batch_size: int = 16
     labelled_per_node: int | None = 120  # labelled slices per hospital (None: all of --dataset)
     test_per_node: int = 30  # synthetic: held-out test slices per hospital (dripped unlabelled)
-    min_labels: int | None = None  # labels a node needs to train; default a third of its share
+    min_labels: int | None = None  # labels a node needs to train; default the smallest share
     feed_seconds: float = 45.0  # how long the drip of slices into the inboxes lasts
     synthetic_size: int = 256  # synthetic slice side (pixels)
     seed: int = 0

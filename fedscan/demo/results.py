@@ -119,14 +119,21 @@ def build_results(
         last = max(paths)
         chosen = select_version(val_accuracy, list(paths))
         models += _global_models(c, paths, chosen, last, coordinator_state, test, val, len(points))
+    smallest = min(len(p.labelled) for p in plan.nodes)
     notes = (
         "Every model is scored on the same held-out test set: slices of patients that no "
         "node ever had a label for (they reached the inboxes unlabelled, and were only "
         "predicted).",
         f"Slices reached the inboxes over {c.feed_seconds:g} s once every node served the "
         f"first global model; in each round a node trained on the labels it held then (at "
-        f"least {labels_needed}), so early rounds saw part of the data. The local-only "
-        "baselines were trained afterwards, on every label of their hospital.",
+        f"least {labels_needed} of its {smallest}), "
+        + (
+            "so the rounds trained on the same labels as the local-only baselines"
+            if labels_needed >= smallest
+            else "so early rounds saw part of the data"
+        )
+        + ". The local-only baselines were trained afterwards, on every label of their "
+        "hospital.",
         "Round 0 is the random initial global model; the dashed lines are each node's own "
         "evaluation of the global model it received, on its local validation patients, as "
         "reported to the coordinator over MQTT.",
