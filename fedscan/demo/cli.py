@@ -59,7 +59,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dataset", help="real data: UCSD COVID-CT folder, class folders, or index")
     p.add_argument("--nodes", type=int, default=3, help="hospitals (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    p.add_argument("--arch", default="resnet10_gn", help="model architecture (default resnet10_gn)")
+    p.add_argument("--arch", default="cnn2d", help="model architecture (default cnn2d)")
     p.add_argument(
         "--texture",
         action=argparse.BooleanOptionalAction,
