@@ -32,7 +32,7 @@ from fedscan.samples import CT_SAMPLES, find_samples, missing
 
 log = logging.getLogger(__name__)
 
-ARCHS: tuple[str, ...] = ("cnn2d", "efficientnet_b0", "resnet18")  # = export.zoo.list_archs()
+ARCHS: tuple[str, ...] = ("cnn2d", "efficientnet_b0", "resnet10_gn", "resnet18")  # = list_archs()
 PARITY_BATCHES = (1, 8)
 
 
