@@ -153,6 +153,19 @@ def combine(items: Iterable[CalibrationStats]) -> CalibrationStats | None:
     return total
 
 
+def point_metadata(
+    temperature: float, threshold: float, uncertain_band: float, n_val: int
+) -> dict[str, str]:
+    """The ``fedscan.*`` ONNX metadata entries of an operating point (the one writer of them:
+    ``OperatingPoint`` and the manifest's ``ServingPoint`` both use it)."""
+    return {
+        "fedscan.temperature": f"{temperature:.6g}",
+        "fedscan.threshold": f"{threshold:.6g}",
+        "fedscan.uncertain_band": f"{uncertain_band:.6g}",
+        "fedscan.calibration_n_val": str(n_val),
+    }
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """What goes into the ONNX metadata (``fedscan.temperature`` etc.)."""
@@ -176,12 +189,7 @@ class OperatingPoint:
 
     def metadata(self) -> dict[str, str]:
         """The ``fedscan.*`` ONNX metadata entries (docs/CONTRACTS.md)."""
-        return {
-            "fedscan.temperature": f"{self.temperature:.6g}",
-            "fedscan.threshold": f"{self.threshold:.6g}",
-            "fedscan.uncertain_band": f"{self.uncertain_band:.6g}",
-            "fedscan.calibration_n_val": str(self.n_val),
-        }
+        return point_metadata(self.temperature, self.threshold, self.uncertain_band, self.n_val)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -338,13 +338,10 @@ class ServingPoint(JsonMessage):
 
     def metadata(self) -> dict[str, str]:
         """The ``fedscan.*`` ONNX metadata entries (as ``OperatingPoint.metadata`` writes them)."""
-        return {
-            "fedscan.temperature": f"{self.temperature:.6g}",
-            "fedscan.threshold": f"{self.threshold:.6g}",
-            "fedscan.uncertain_band": f"{self.uncertain_band:.6g}",
-            "fedscan.calibration_n_val": str(self.n_val),
-            "fedscan.calibration_version": str(self.calibration_version),
-        }
+        from fl_protocol.calibration import point_metadata
+
+        entries = point_metadata(self.temperature, self.threshold, self.uncertain_band, self.n_val)
+        return {**entries, "fedscan.calibration_version": str(self.calibration_version)}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> ServingPoint | None:

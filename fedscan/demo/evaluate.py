@@ -24,8 +24,6 @@ from fedscan.demo.errors import DemoError
 from fedscan.experiment.data import records
 from fl_protocol.metrics import Metrics, RocCurve, classification_metrics, roc_curve
 
-BATCH = 64
-
 
 def load_test_set(
     rows: Sequence[IndexRow], base: Path, cache_dir: Path, *, texture: bool = False
