@@ -32,6 +32,30 @@ def _op(val_stats: Mapping[str, Any] | None) -> OperatingPoint | None:
     return None if not val_stats else fit_operating_point(CalibrationStats.from_dict(val_stats))
 
 
+def arm_probabilities(
+    folds: Sequence[Mapping[str, Any]], arm: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any] | None]]:
+    """One arm over the folds, concatenated: P(covid) at T = 1, P(covid) after each fold's
+    fitted temperature, that fold's threshold per slice, and the operating points."""
+    z_parts, zt_parts, th_parts = [], [], []
+    ops: list[dict[str, Any] | None] = []
+    for f in folds:
+        logits = np.asarray(f["models"][arm]["test_logits"], dtype=np.float64)
+        z = logits[:, 1] - logits[:, 0]
+        op = _op(f["models"][arm].get("val_stats"))
+        ops.append(None if op is None else op.to_dict())
+        t, th = (1.0, 0.5) if op is None else (op.temperature, op.threshold)
+        z_parts.append(z)
+        zt_parts.append(z / t)
+        th_parts.append(np.full(len(z), th))
+    return (
+        stats.sigmoid(np.concatenate(z_parts)),
+        stats.sigmoid(np.concatenate(zt_parts)),
+        np.concatenate(th_parts),
+        ops,
+    )
+
+
 def fold_models(results: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
     """Per fold of ``seed``: test ids/labels/patients and the scores of every model."""
     folds: dict[int, dict[str, Any]] = {}
@@ -69,21 +93,10 @@ def summarize_seed(
     thresholds: dict[str, Any] = {}
     ops: dict[str, list[dict[str, Any] | None]] = {}
     for name in names:
-        z_parts, zt_parts, th_parts = [], [], []
-        ops[name] = []
-        for f in folds:
-            logits = np.asarray(f["models"][name]["test_logits"], dtype=np.float64)
-            z = logits[:, 1] - logits[:, 0]
-            op = _op(f["models"][name].get("val_stats"))
-            ops[name].append(None if op is None else op.to_dict())
-            t, th = (1.0, 0.5) if op is None else (op.temperature, op.threshold)
-            z_parts.append(z)
-            zt_parts.append(z / t)
-            th_parts.append(np.full(len(z), th))
-        probs[name] = stats.sigmoid(np.concatenate(z_parts))
+        probs[name], probs[f"{name}@cal"], thresholds[f"{name}@cal"], ops[name] = arm_probabilities(
+            folds, name
+        )
         thresholds[name] = 0.5
-        probs[f"{name}@cal"] = stats.sigmoid(np.concatenate(zt_parts))
-        thresholds[f"{name}@cal"] = np.concatenate(th_parts)
     comparators = [n for n in names if n not in ("fedavg", "fedavg_last")]
     pairs = [("fedavg", c) for c in comparators] + [("fedavg@cal", f"{c}@cal") for c in comparators]
     _, groups = stats.patient_index(patients)
@@ -192,19 +205,11 @@ def compare(
         thresholds: dict[str, Any] = {}
         for run_name, folds in zip(names, (a, b), strict=True):
             for arm in arms:
-                zs, zts, ths = [], [], []
-                for f in folds:
-                    logits = np.asarray(f["models"][arm]["test_logits"], dtype=np.float64)
-                    z = logits[:, 1] - logits[:, 0]
-                    op = _op(f["models"][arm].get("val_stats"))
-                    t, th = (1.0, 0.5) if op is None else (op.temperature, op.threshold)
-                    zs.append(z)
-                    zts.append(z / t)
-                    ths.append(np.full(len(z), th))
-                probs[f"{run_name}:{arm}"] = stats.sigmoid(np.concatenate(zs))
-                thresholds[f"{run_name}:{arm}"] = 0.5
-                probs[f"{run_name}:{arm}@cal"] = stats.sigmoid(np.concatenate(zts))
-                thresholds[f"{run_name}:{arm}@cal"] = np.concatenate(ths)
+                key = f"{run_name}:{arm}"
+                probs[key], probs[f"{key}@cal"], thresholds[f"{key}@cal"], _ = arm_probabilities(
+                    folds, arm
+                )
+                thresholds[key] = 0.5
         keys = [f"{arm}{suffix}" for arm in arms for suffix in ("", "@cal")]
         pairs = [(f"{names[0]}:{k}", f"{names[1]}:{k}") for k in keys]
         _, groups = stats.patient_index(patients)
