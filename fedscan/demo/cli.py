@@ -49,6 +49,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    from fedscan.experiment.cli import add_rate_arguments
+
     p: argparse.ArgumentParser = sub.add_parser(
         "demo",
         help="run a whole federation locally (broker, coordinator, nodes) and report",
@@ -68,15 +70,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument(
-        "--lr-schedule",
-        choices=("constant", "cosine"),
-        default="cosine",
-        help="cosine across rounds and over the local-only epochs (default), or constant",
-    )
-    p.add_argument(
-        "--head-lr-mult", type=float, default=10.0, help="classifier head at lr x this (default 10)"
-    )
+    add_rate_arguments(p, schedule="cosine", head_lr_mult=10.0)
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument(
         "--labelled-per-node", type=int, default=120,

@@ -58,6 +58,24 @@ def _strategy_args(items: list[str] | None) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def add_rate_arguments(p: argparse.ArgumentParser, *, schedule: str, head_lr_mult: float) -> None:
+    """``--lr-schedule`` and ``--head-lr-mult`` with these defaults (experiment and demo)."""
+    from fl_protocol.schedule import SCHEDULES
+
+    p.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        default=schedule,
+        help=f"per epoch; FedAvg: across rounds (default {schedule})",
+    )
+    p.add_argument(
+        "--head-lr-mult",
+        type=float,
+        default=head_lr_mult,
+        help=f"classifier head at lr x this (default {head_lr_mult:g})",
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedscan.experiment.config import ExperimentConfig
     from fedscan.experiment.runner import resummarize, run_experiment
@@ -135,15 +153,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
     p.add_argument("--local-epochs", type=int, default=2, help="epochs per round (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument(
-        "--lr-schedule",
-        choices=("constant", "cosine"),
-        default="constant",
-        help="constant, or cosine over epochs (FedAvg: across rounds)",
-    )
-    p.add_argument(
-        "--head-lr-mult", type=float, default=1.0, help="classifier head at lr x this (default 1)"
-    )
+    add_rate_arguments(p, schedule="constant", head_lr_mult=1.0)
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="local validation patients")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
